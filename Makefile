@@ -1,0 +1,60 @@
+# ConformalSAM toolkit. `make annotate calibrate train` runs the pipeline on CONFIG
+# (the embedded demo by default); `make test` runs the test suite.
+# The first target creates .venv and installs the project into it.
+
+PYTHON ?= python3
+VENV ?= .venv
+CONFIG ?= configs/demo.toml
+# Installed before the project so that pip never picks a CUDA build on its own.
+# GPU users: make TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>" (or install torch
+# into .venv yourself first and set TORCH_SPEC=).
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= demo,dev
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all setup data annotate calibrate train ablation test test-all lint format bench clean
+
+all: annotate calibrate train
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet $(TORCH_SPEC); fi
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m data_manifest prepare --config $(CONFIG)
+
+annotate: $(STAMP)
+	$(PY) -m annotate run --config $(CONFIG)
+
+calibrate: $(STAMP)
+	$(PY) -m calibrate run --config $(CONFIG)
+
+train: $(STAMP)
+	$(PY) -m train fit --config $(CONFIG)
+
+ablation: $(STAMP)
+	$(PY) bench/ablation.py --config $(CONFIG)
+
+# Fast suite: everything but tests marked slow or gpu.
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,387 @@
+"""The logit cache: a Zarr v3 group of per-class annotator scores, one subgroup per image.
+
+This module is the cache's reader *and* writer; it imports no model code (no torch), so the
+calibrate stage and notebooks can use it cheaply::
+
+    >>> import annotate
+    >>> cache = annotate.open_cache("runs/demo/cache.zarr")
+    >>> cache.ids[:3], cache.classes
+    >>> p = cache.probs(cache.ids[0])      # float32 (K, H, W), sums to 1 over K
+    >>> cache.argmax(cache.ids[0])         # uint8 (H, W)
+
+Layout (schema 1)::
+
+    cache.zarr/zarr.json                root group; attributes below
+    cache.zarr/images/im-<quoted id>/   one group per image, attributes {id, height, width, mode}
+        scores      float16 (K, h, w)   mode "scores": raw scores, see `normalization`;
+                                        mode "probs": probabilities (resolution = "image")
+        topk_index  uint8   (k, h, w)   mode "topk": indices of the k most probable classes
+        topk_prob   float16 (k, h, w)   mode "topk": their probabilities
+
+Root attributes: ``schema``, ``classes``, ``annotator`` (name), ``model_sha256``,
+``manifest_fingerprint``, ``normalization`` (how ``scores`` become probabilities: "softmax",
+"sum" or "probs"), ``resolution`` ("native" or "image"), ``topk`` (k for unlabeled images, 0 =
+off) and ``extra`` (free-form annotator details).
+
+An image's group is written under a temporary name and renamed into place, so an image is
+present exactly when all its data is. The root metadata is created once, atomically, and never
+changed afterwards; writers only add image groups, each image by exactly one writer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, unquote
+
+import cv2
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from data_manifest.errors import UserError
+
+SCHEMA = 1
+NORMALIZATIONS = ("softmax", "sum", "probs")
+_PREFIX = "im-"
+_COMPRESSORS = (ZstdCodec(level=3),)
+
+
+@dataclass(frozen=True)
+class CacheMeta:
+    """Root metadata of a cache. Two runs may share a cache only when these are equal."""
+
+    classes: tuple[str, ...]
+    annotator: str
+    model_sha256: str
+    manifest_fingerprint: str
+    normalization: Literal["softmax", "sum", "probs"]
+    resolution: Literal["native", "image"] = "native"
+    topk: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    schema: int = SCHEMA
+
+    def to_attrs(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str) -> CacheMeta:
+        if attrs.get("schema") != SCHEMA:
+            raise UserError(f"{where}: cache schema is {attrs.get('schema')!r}; this version "
+                            f"reads schema {SCHEMA}")
+        try:
+            d = {k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs}
+            d["classes"] = tuple(d["classes"])
+            return cls(**d)
+        except (KeyError, TypeError) as exc:
+            raise UserError(f"{where}: cache metadata is incomplete ({exc})") from None
+
+
+def image_key(image_id: str) -> str:
+    """Group name for an image id (ids may contain '/', e.g. Cityscapes' city folders)."""
+    return _PREFIX + quote(image_id, safe="")
+
+
+def _key_to_id(key: str) -> str:
+    return unquote(key[len(_PREFIX):])
+
+
+def to_probs(scores: np.ndarray, normalization: str) -> np.ndarray:
+    """Turn scores (K, ...) into float32 probabilities over axis 0.
+
+    softmax: logits; sum: non-negative scores divided by their per-pixel sum (a pixel whose
+    scores are all zero gets a uniform distribution); probs: renormalised against rounding.
+    """
+    s = scores.astype(np.float32, copy=False)
+    if normalization == "softmax":
+        e = np.exp(s - s.max(axis=0, keepdims=True))
+        return e / e.sum(axis=0, keepdims=True)
+    if normalization in ("sum", "probs"):
+        s = np.maximum(s, 0.0)
+        total = s.sum(axis=0, keepdims=True)
+        k = s.shape[0]
+        return np.where(total > 0, s / np.where(total > 0, total, 1.0), np.float32(1.0 / k))
+    raise ValueError(f"unknown normalization {normalization!r}; expected one of {NORMALIZATIONS}")
+
+
+def resize_chw(a: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a (C, h, w) float array to (C, height, width) (align_corners=False)."""
+    if a.shape[1:] == (height, width):
+        return a
+    hwc = np.ascontiguousarray(np.moveaxis(a, 0, -1))
+    chunks = [cv2.resize(hwc[..., i:i + 256], (width, height), interpolation=cv2.INTER_LINEAR)
+              for i in range(0, hwc.shape[-1], 256)]
+    out = np.concatenate([c[..., None] if c.ndim == 2 else c for c in chunks], axis=-1)
+    return np.ascontiguousarray(np.moveaxis(out, -1, 0))
+
+
+def topk_encode(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most probable classes per pixel.
+
+    Args:
+        probs: float32 (K, h, w).
+    Returns:
+        (index uint8 (k, h, w), prob float16 (k, h, w)), most probable first.
+    """
+    k = min(k, probs.shape[0])
+    idx = np.argsort(-probs, axis=0, kind="stable")[:k]
+    return idx.astype(np.uint8), np.take_along_axis(probs, idx, axis=0).astype(np.float16)
+
+
+def topk_decode(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.ndarray:
+    """Inverse of :func:`topk_encode`: the remaining mass is spread evenly over other classes.
+
+    Returns:
+        float32 (K, h, w).
+    """
+    p = prob.astype(np.float32)
+    k = p.shape[0]
+    rest = np.clip(1.0 - p.sum(axis=0), 0.0, None)
+    fill = rest / max(num_classes - k, 1) if num_classes > k else np.zeros_like(rest)
+    out = np.broadcast_to(fill, (num_classes, *p.shape[1:])).copy()
+    np.put_along_axis(out, index.astype(np.int64), p, axis=0)
+    if num_classes == k:
+        out /= np.maximum(out.sum(axis=0, keepdims=True), 1e-12)
+    return out
+
+
+class Cache:
+    """Read access to a cache. Cheap to create; safe to use from several threads or processes.
+
+    Attributes:
+        path: the cache folder.
+        meta: its :class:`CacheMeta`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").is_file():
+            raise UserError(f"{self.path}: not a cache (no zarr.json); run `python -m annotate "
+                            "run` first")
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+        except Exception as exc:
+            raise UserError(f"{self.path}: cannot open cache ({exc})") from None
+        self.meta = CacheMeta.from_attrs(dict(group.attrs), str(self.path))
+
+    # -- listing ---------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta.classes)
+
+    @property
+    def ids(self) -> list[str]:
+        """Ids of the complete images, sorted."""
+        d = self.path / "images"
+        if not d.is_dir():
+            return []
+        return sorted(_key_to_id(n) for n in os.listdir(d) if n.startswith(_PREFIX))
+
+    def __contains__(self, image_id: object) -> bool:
+        return isinstance(image_id, str) and (self.path / "images" / image_key(image_id)
+                                              / "zarr.json").is_file()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    # -- per image -------------------------------------------------------------------------
+    def _group(self, image_id: str) -> zarr.Group:
+        if image_id not in self:
+            raise UserError(f"{self.path}: image {image_id!r} is not in the cache")
+        return zarr.open_group(str(self.path / "images" / image_key(image_id)), mode="r")
+
+    def info(self, image_id: str) -> dict[str, Any]:
+        """Per-image attributes: id, height, width (image resolution), mode.
+
+        mode is "scores" (raw scores), "probs" (probabilities) or "topk" (top-k probabilities).
+        """
+        return dict(self._group(image_id).attrs)
+
+    def stored(self, image_id: str) -> dict[str, np.ndarray]:
+        """The raw stored arrays of one image, by name (float16 / uint8, stored resolution)."""
+        g = self._group(image_id)
+        return {name: arr[...] for name, arr in g.arrays()}
+
+    def scores(self, image_id: str) -> np.ndarray:
+        """float32 (K, H, W) scores at image resolution.
+
+        Images stored as probabilities ("probs" or "topk" mode) return :meth:`probs`.
+        """
+        info, data = self.info(image_id), self.stored(image_id)
+        if info["mode"] != "scores":
+            return self.probs(image_id)
+        s = data["scores"].astype(np.float32)
+        return resize_chw(s, info["height"], info["width"])
+
+    def probs(self, image_id: str) -> np.ndarray:
+        """float32 (K, H, W) class probabilities at image resolution (sum to 1 over K).
+
+        Probabilities are computed at the stored resolution, then resized bilinearly (a convex
+        combination, so they still sum to 1).
+        """
+        info, data = self.info(image_id), self.stored(image_id)
+        if info["mode"] == "topk":
+            p = topk_decode(data["topk_index"], data["topk_prob"], self.num_classes)
+        elif info["mode"] == "probs":
+            p = to_probs(data["scores"], "probs")
+        else:
+            p = to_probs(data["scores"], self.meta.normalization)
+        return resize_chw(p, info["height"], info["width"])
+
+    def argmax(self, image_id: str) -> np.ndarray:
+        """uint8 (H, W): the annotator's most probable class per pixel."""
+        return self.probs(image_id).argmax(axis=0).astype(np.uint8)
+
+    def dask_scores(self, image_id: str) -> Any:
+        """A lazy dask array over the stored scores (``scores`` or ``topk_prob``), stored res."""
+        import dask.array as da
+
+        g = self._group(image_id)
+        name = "scores" if "scores" in g else "topk_prob"
+        return da.from_zarr(g[name])
+
+    def nbytes_on_disk(self, image_id: str | None = None) -> int:
+        """Bytes on disk of one image's group, or of the whole cache."""
+        root = self.path if image_id is None else self.path / "images" / image_key(image_id)
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def open_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache for reading. Raises UserError if ``path`` is not a cache."""
+    return Cache(path)
+
+
+class CacheWriter(Cache):
+    """Adds images to a cache. Create it with :func:`create_or_open`."""
+
+    def write(self, image_id: str, scores: np.ndarray, height: int, width: int,
+              topk: bool = False) -> None:
+        """Store one image atomically (a no-op if it is already present).
+
+        Args:
+            scores: float32 (K, h, w) raw annotator scores at its native resolution.
+            height, width: the image's own resolution.
+            topk: store the top-``meta.topk`` probabilities instead of all scores.
+        """
+        if image_id in self:
+            return
+        if scores.ndim != 3 or scores.shape[0] != self.num_classes:
+            raise ValueError(f"scores for {image_id!r} have shape {scores.shape}; expected "
+                             f"({self.num_classes}, h, w)")
+        use_topk = topk and 0 < self.meta.topk < self.num_classes
+        if use_topk or self.meta.resolution == "image":
+            data = to_probs(scores, self.meta.normalization)
+            if self.meta.resolution == "image":
+                data = resize_chw(data, height, width)
+            if use_topk:
+                idx, prob = topk_encode(data, self.meta.topk)
+                arrays, mode = {"topk_index": idx, "topk_prob": prob}, "topk"
+            else:
+                arrays, mode = {"scores": data.astype(np.float16)}, "probs"
+        else:
+            arrays, mode = {"scores": scores.astype(np.float16)}, "scores"
+        self._write_group(image_id, arrays, {"id": image_id, "height": int(height),
+                                             "width": int(width), "mode": mode})
+
+    def _write_group(self, image_id: str, arrays: dict[str, np.ndarray],
+                     attrs: dict[str, Any]) -> None:
+        images = self.path / "images"
+        final = images / image_key(image_id)
+        tmp = images / f".tmp-{uuid.uuid4().hex}"
+        try:
+            g = zarr.open_group(str(tmp), mode="w", attributes=attrs)
+            for name, a in arrays.items():
+                g.create_array(name, data=np.ascontiguousarray(a), chunks=a.shape,
+                               compressors=_COMPRESSORS)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / "zarr.json").is_file():  # someone else won a benign race
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def clean_temporaries(self) -> int:
+        """Remove groups left half-written by killed writers. Returns how many were removed.
+
+        Only call this when no other writer is running on the cache.
+        """
+        images = self.path / "images"
+        stale = [p for p in images.iterdir() if p.name.startswith(".tmp-")]
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True)
+        return len(stale)
+
+
+def create_or_open(path: str | os.PathLike, meta: CacheMeta) -> CacheWriter:
+    """Open ``path`` for writing, creating it with ``meta`` if absent.
+
+    Creation is atomic (the group is built under a temporary name and renamed), so several
+    shard processes may call this at once. An existing cache must have equal metadata.
+
+    Raises:
+        UserError: the existing cache was made by another model, class list, manifest or
+            storage setting.
+    """
+    if meta.normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}")
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path}: exists and is not a cache; choose another cache path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+        try:
+            zarr.open_group(str(tmp), mode="w", attributes=meta.to_attrs())
+            (tmp / "images").mkdir()
+            (tmp / "images" / ".keep").touch()
+            try:
+                if path.exists():
+                    path.rmdir()  # an empty folder left by the user
+                os.rename(tmp, path)
+            except OSError:
+                if not (path / "zarr.json").is_file():
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    writer = CacheWriter(path)
+    check_compatible(writer.meta, meta, str(path))
+    return writer
+
+
+def check_compatible(have: CacheMeta, want: CacheMeta, where: str) -> None:
+    """Raise UserError naming the first metadata field that differs."""
+    for name in ("classes", "annotator", "model_sha256", "manifest_fingerprint",
+                 "normalization", "resolution", "topk"):
+        a, b = getattr(have, name), getattr(want, name)
+        if a != b:
+            raise UserError(f"{where}: cache was made with {name} = {_short(a)}, this run has "
+                            f"{_short(b)}; use a new cache path (or delete this one) instead of "
+                            "mixing results")
+
+
+def _short(v: Any) -> str:
+    s = repr(list(v) if isinstance(v, tuple) else v)
+    return s if len(s) < 60 else s[:57] + "..."
+
+
+def missing(cache: Cache, ids: Sequence[str]) -> list[str]:
+    """The ids of ``ids`` that are not (completely) in the cache, in the given order."""
+    present = set(cache.ids)
+    return [i for i in ids if i not in present]

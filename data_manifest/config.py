@@ -1,0 +1,194 @@
+"""The run config: one TOML file that drives every stage.
+
+Layout (see ``configs/demo.toml`` for a documented example)::
+
+    run_dir = "runs/demo"     # every stage writes below it unless its section says otherwise
+    seed = 0
+    [data]       # owned by data_manifest
+    [annotate]   # owned by annotate
+    [calibrate]  # owned by calibrate
+    [train]      # owned by train
+
+Each stage describes its section with a dataclass and reads it with :func:`parse_section`, which
+rejects unknown keys and wrong types with one line naming the file, the key and what was
+expected. Command-line options override the file (pass them as ``overrides``; ``None`` means
+"not given"). :func:`write_resolved` records the final values in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from data_manifest.errors import UserError
+from data_manifest.io import atomic_write_text
+
+T = TypeVar("T")
+TOP_LEVEL = {"run_dir": str, "seed": int}
+SECTIONS = ("data", "annotate", "calibrate", "train")
+
+
+def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Read a run config. ``None`` gives an empty config (every stage then uses its defaults).
+
+    Raises:
+        UserError: missing file, TOML syntax error, unknown top-level key or section.
+    """
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        cfg = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: invalid TOML ({exc})") from None
+    for key, value in cfg.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UserError(f"{path}: [{key}] must be a table")
+        elif key in TOP_LEVEL:
+            if not isinstance(value, TOP_LEVEL[key]) or isinstance(value, bool):
+                raise UserError(f"{path}: {key} = {value!r}; expected {TOP_LEVEL[key].__name__}")
+        else:
+            raise UserError(f"{path}: unknown key {key!r}; expected {', '.join(TOP_LEVEL)} or a "
+                            f"section [{'], ['.join(SECTIONS)}]")
+    cfg["_source"] = str(path)
+    return cfg
+
+
+def run_dir(cfg: dict[str, Any], override: str | None = None) -> Path:
+    """The run folder: ``override``, else ``run_dir`` from the config, else ``runs/default``."""
+    return Path(override or cfg.get("run_dir") or "runs/default")
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return isinstance(value, list | tuple) and all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        k, v = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "nothing (omit the key)"
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a table"
+    return {"str": "a string", "int": "an integer", "float": "a number",
+            "bool": "true or false"}.get(getattr(tp, "__name__", ""), str(tp))
+
+
+def parse_section(
+    cfg: dict[str, Any], section: str, cls: type[T], overrides: dict[str, Any] | None = None
+) -> T:
+    """Build the dataclass ``cls`` from ``cfg[section]`` with ``overrides`` applied.
+
+    Lists become tuples when the field is annotated as a tuple. The dataclass's
+    ``__post_init__`` may raise ``ValueError("key = value: expected ...")`` for range checks;
+    the message gets the file and section prepended.
+
+    Raises:
+        UserError: unknown key, wrong type, or a failed range check.
+    """
+    source = cfg.get("_source", "<command line>")
+    raw = dict(cfg.get(section, {}))
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in raw:
+        if key not in names:
+            raise UserError(f"{source}: [{section}] unknown key {key!r}; expected one of "
+                            f"{', '.join(names)}")
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            if key not in names:
+                raise ValueError(f"override {key!r} is not a field of [{section}]")
+            raw[key] = value
+    for key, value in raw.items():
+        if not _type_ok(value, hints[key]):
+            raise UserError(f"{source}: [{section}] {key} = {value!r}; expected "
+                            f"{_describe(hints[key])}")
+        if typing.get_origin(hints[key]) is tuple and isinstance(value, list):
+            raw[key] = tuple(value)
+    try:
+        return cls(**raw)
+    except ValueError as exc:
+        raise UserError(f"{source}: [{section}] {exc}") from None
+
+
+def section_dict(obj: Any) -> dict[str, Any]:
+    """A config dataclass as a plain dict (tuples as lists), for the resolved config."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def dump_toml(cfg: dict[str, Any]) -> str:
+    """Serialise a config dict (top-level scalars, then one table per section) as TOML.
+
+    ``None`` values are written as comments, since TOML has no null.
+    """
+    out = []
+    tables = {k: v for k, v in cfg.items() if isinstance(v, dict) and not k.startswith("_")}
+    for k, v in cfg.items():
+        if k in tables or k.startswith("_"):
+            continue
+        out.append(f"# {k} is not set" if v is None else f"{_toml_key(k)} = {_toml_value(v)}")
+    for name, table in tables.items():
+        out.append(f"\n[{name}]")
+        for k, v in table.items():
+            out.append(f"# {k} is not set" if v is None else f"{_toml_key(k)} = {_toml_value(v)}")
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def write_resolved(path: str | os.PathLike, cfg: dict[str, Any]) -> Path:
+    """Write the resolved config as TOML atomically; it can be fed back with ``--config``."""
+    path = Path(path)
+    atomic_write_text(path, dump_toml(cfg))
+    return path

@@ -1,0 +1,163 @@
+"""Atomic file writes and image/label reading and writing shared by every stage.
+
+Every file this project writes goes through a temporary name in the same folder followed by
+``os.replace``, so a process killed at any moment leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from data_manifest.errors import UserError
+
+cv2.setNumThreads(1)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+    ``suffix`` defaults to ``path``'s own suffix so writers that pick a format by extension work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
+        dir=path.parent,
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path, suffix="") as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
+    """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB.
+
+    Returns:
+        uint8 array of shape (H, W, 3).
+    Raises:
+        UserError: the file is missing, unreadable or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image file not found")
+    buf = np.fromfile(path, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if img is None:
+        raise UserError(f"{path}: cannot decode image (corrupt, truncated or not an image)")
+    if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_complete(buf):
+        raise UserError(f"{path}: truncated JPEG (no end-of-image marker)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _jpeg_complete(buf: np.ndarray) -> bool:
+    # OpenCV decodes a truncated JPEG into a grey-padded image with only a warning.
+    tail = buf[-64:].tobytes().rstrip(b"\x00")
+    return tail.endswith(b"\xff\xd9")
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a label PNG as class indices, never through colour conversion.
+
+    Palette ("P") images give their palette indices (VOC, our pseudo-labels); greyscale ("L")
+    images give their values (ADE20K, Cityscapes labelTrainIds).
+
+    Returns:
+        uint8 array of shape (H, W).
+    Raises:
+        UserError: missing, unreadable, truncated, or not a palette/greyscale 8-bit image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: label file not found")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise UserError(
+                    f"{path}: label image has mode {im.mode!r}; expected a palette ('P') or "
+                    "8-bit greyscale ('L') PNG of class indices"
+                )
+            return np.asarray(im, dtype=np.uint8).copy()
+    except UserError:
+        raise
+    except Exception as exc:  # Pillow raises several unrelated types for broken files
+        raise UserError(f"{path}: cannot read label image ({exc})") from None
+
+
+def encode_label_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+    """Encode class indices as a palette PNG (deterministic bytes for equal inputs).
+
+    Args:
+        labels: uint8 array (H, W) of class indices; 255 = ignore.
+        palette: one (r, g, b) triple per class; index 255 is drawn white.
+    """
+    if labels.dtype != np.uint8 or labels.ndim != 2:
+        raise ValueError(f"labels must be a 2-D uint8 array, got {labels.dtype} {labels.shape}")
+    flat = [0] * (256 * 3)
+    for i, rgb in enumerate(palette[:255]):
+        flat[3 * i : 3 * i + 3] = [int(c) for c in rgb]
+    flat[255 * 3 : 256 * 3] = [255, 255, 255]
+    im = Image.fromarray(labels, mode="P")
+    im.putpalette(flat)
+    import io as _io
+
+    out = _io.BytesIO()
+    im.save(out, format="PNG", optimize=False, compress_level=6)
+    return out.getvalue()
+
+
+def write_label_png(
+    path: str | os.PathLike, labels: np.ndarray, palette: Sequence[Sequence[int]]
+) -> bool:
+    """Write ``labels`` as a palette PNG atomically, unless identical bytes are already there.
+
+    Returns:
+        True when the file was (re)written, False when it already held these exact bytes.
+    """
+    data = encode_label_png(labels, palette)
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    atomic_write_bytes(path, data)
+    return True
+
+
+def colorize(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """Map class indices (H, W) uint8 to RGB (H, W, 3) uint8 with the palette; 255 is white."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[: min(len(palette), 255)] = np.asarray(palette[:255], dtype=np.uint8)
+    lut[255] = 255
+    return lut[labels]
