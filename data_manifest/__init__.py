@@ -1,9 +1,9 @@
 """Describe a dataset once: images, labels, splits, classes, palette and a fingerprint.
 
-    >>> import data_manifest
-    >>> m = data_manifest.load("data/demo/target/manifest.jsonl")
-    >>> m.classes, len(m.split("labeled"))
-    >>> image = m.read_image(m.split("val")[0])  # (H, W, 3) uint8 RGB
+>>> import data_manifest
+>>> m = data_manifest.load("data/demo/target/manifest.jsonl")
+>>> m.classes, len(m.split("labeled"))
+>>> image = m.read_image(m.split("val")[0])  # (H, W, 3) uint8 RGB
 """
 
 from data_manifest.errors import UserError
@@ -17,8 +17,18 @@ from data_manifest.manifest import (
     compute_fingerprint,
     load,
 )
+from data_manifest.resolve import DataConfig, resolve_manifest
 
 __all__ = [
-    "IGNORE_INDEX", "SCHEMA", "SPLITS", "Manifest", "Meta", "Row", "UserError",
-    "compute_fingerprint", "load",
+    "IGNORE_INDEX",
+    "SCHEMA",
+    "SPLITS",
+    "Manifest",
+    "Meta",
+    "Row",
+    "UserError",
+    "compute_fingerprint",
+    "load",
+    "DataConfig",
+    "resolve_manifest",
 ]

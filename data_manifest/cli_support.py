@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -47,7 +48,10 @@ def handle_errors(fn: F) -> F:
         except UserError as exc:
             if _state["debug"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escape: messages name config sections like "[calibrate]", which are not markup
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -55,8 +59,14 @@ def handle_errors(fn: F) -> F:
 
 def make_app(name: str, help: str) -> typer.Typer:
     """A Typer app with the shared ``--debug`` option."""
-    app = typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
-                      pretty_exceptions_enable=False, rich_markup_mode="rich")
+    app = typer.Typer(
+        name=name,
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode="rich",
+    )
 
     @app.callback()
     def _main(
@@ -95,8 +105,10 @@ def rate_text(done: float, seconds: float, unit: str) -> str:
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     """A rich table; numbers are right-aligned, floats shown with 4 significant digits."""
     t = Table(title=title, title_justify="left")
-    numeric = [all(isinstance(r[i], int | float) for r in rows) if rows else False
-               for i in range(len(columns))]
+    numeric = [
+        all(isinstance(r[i], int | float) for r in rows) if rows else False
+        for i in range(len(columns))
+    ]
     for c, num in zip(columns, numeric, strict=True):
         t.add_column(c, justify="right" if num else "left")
     for r in rows:

@@ -56,8 +56,10 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
             if not isinstance(value, TOP_LEVEL[key]) or isinstance(value, bool):
                 raise UserError(f"{path}: {key} = {value!r}; expected {TOP_LEVEL[key].__name__}")
         else:
-            raise UserError(f"{path}: unknown key {key!r}; expected {', '.join(TOP_LEVEL)} or a "
-                            f"section [{'], ['.join(SECTIONS)}]")
+            raise UserError(
+                f"{path}: unknown key {key!r}; expected {', '.join(TOP_LEVEL)} or a "
+                f"section [{'], ['.join(SECTIONS)}]"
+            )
     cfg["_source"] = str(path)
     return cfg
 
@@ -84,7 +86,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is dict:
         k, v = typing.get_args(tp) or (Any, Any)
         return isinstance(value, dict) and all(
-            _type_ok(a, k) and _type_ok(b, v) for a, b in value.items())
+            _type_ok(a, k) and _type_ok(b, v) for a, b in value.items()
+        )
     if tp is float:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if tp is int:
@@ -105,8 +108,12 @@ def _describe(tp: Any) -> str:
         return f"a list of {_describe(args[0])}" if args else "a list"
     if origin is dict:
         return "a table"
-    return {"str": "a string", "int": "an integer", "float": "a number",
-            "bool": "true or false"}.get(getattr(tp, "__name__", ""), str(tp))
+    return {
+        "str": "a string",
+        "int": "an integer",
+        "float": "a number",
+        "bool": "true or false",
+    }.get(getattr(tp, "__name__", ""), str(tp))
 
 
 def parse_section(
@@ -127,8 +134,9 @@ def parse_section(
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     for key in raw:
         if key not in names:
-            raise UserError(f"{source}: [{section}] unknown key {key!r}; expected one of "
-                            f"{', '.join(names)}")
+            raise UserError(
+                f"{source}: [{section}] unknown key {key!r}; expected one of {', '.join(names)}"
+            )
     for key, value in (overrides or {}).items():
         if value is not None:
             if key not in names:
@@ -136,8 +144,9 @@ def parse_section(
             raw[key] = value
     for key, value in raw.items():
         if not _type_ok(value, hints[key]):
-            raise UserError(f"{source}: [{section}] {key} = {value!r}; expected "
-                            f"{_describe(hints[key])}")
+            raise UserError(
+                f"{source}: [{section}] {key} = {value!r}; expected {_describe(hints[key])}"
+            )
         if typing.get_origin(hints[key]) is tuple and isinstance(value, list):
             raw[key] = tuple(value)
     try:

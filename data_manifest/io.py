@@ -32,7 +32,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
+        prefix=f".{path.name}.",
+        suffix=(suffix if suffix is not None else path.suffix) + ".tmp",
         dir=path.parent,
     )
     os.close(fd)
@@ -117,12 +118,15 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
         raise UserError(f"{path}: cannot read label image ({exc})") from None
 
 
-def encode_label_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> bytes:
+def encode_label_png(
+    labels: np.ndarray, palette: Sequence[Sequence[int]], compress_level: int = 6
+) -> bytes:
     """Encode class indices as a palette PNG (deterministic bytes for equal inputs).
 
     Args:
         labels: uint8 array (H, W) of class indices; 255 = ignore.
         palette: one (r, g, b) triple per class; index 255 is drawn white.
+        compress_level: zlib level 0-9 (1 is ~2.5x faster than 6 for a few % more bytes).
     """
     if labels.dtype != np.uint8 or labels.ndim != 2:
         raise ValueError(f"labels must be a 2-D uint8 array, got {labels.dtype} {labels.shape}")
@@ -135,19 +139,22 @@ def encode_label_png(labels: np.ndarray, palette: Sequence[Sequence[int]]) -> by
     import io as _io
 
     out = _io.BytesIO()
-    im.save(out, format="PNG", optimize=False, compress_level=6)
+    im.save(out, format="PNG", optimize=False, compress_level=compress_level)
     return out.getvalue()
 
 
 def write_label_png(
-    path: str | os.PathLike, labels: np.ndarray, palette: Sequence[Sequence[int]]
+    path: str | os.PathLike,
+    labels: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    compress_level: int = 6,
 ) -> bool:
     """Write ``labels`` as a palette PNG atomically, unless identical bytes are already there.
 
     Returns:
         True when the file was (re)written, False when it already held these exact bytes.
     """
-    data = encode_label_png(labels, palette)
+    data = encode_label_png(labels, palette, compress_level)
     path = Path(path)
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False

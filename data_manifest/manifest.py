@@ -175,49 +175,71 @@ def check_relative(path: str, where: str) -> None:
     """Raise UserError unless ``path`` is a relative POSIX path that stays inside the root."""
     p = PurePosixPath(path)
     if p.is_absolute() or ".." in p.parts or "\\" in path or path == "":
-        raise UserError(f"{where}: path {path!r} leaves the dataset root; expected a path "
-                        "relative to the root without '..'")
+        raise UserError(
+            f"{where}: path {path!r} leaves the dataset root; expected a path "
+            "relative to the root without '..'"
+        )
 
 
 _ROW_TYPES: dict[str, tuple[type, ...]] = {
-    "id": (str,), "image": (str,), "label": (str, type(None)), "split": (str,),
-    "height": (int,), "width": (int,),
+    "id": (str,),
+    "image": (str,),
+    "label": (str, type(None)),
+    "split": (str,),
+    "height": (int,),
+    "width": (int,),
 }
 
 
 def _parse_meta(obj: Any, where: str) -> Meta:
     if not isinstance(obj, dict) or not isinstance(obj.get("meta"), dict):
-        raise UserError(f"{where}: first line must be {{\"meta\": {{...}}}} (manifest metadata)")
+        raise UserError(f'{where}: first line must be {{"meta": {{...}}}} (manifest metadata)')
     m = dict(obj["meta"])
     known = set(Meta.__dataclass_fields__)
     unknown = sorted(set(m) - known)
     if unknown:
-        raise UserError(f"{where}: meta has unknown field {unknown[0]!r}; expected only "
-                        f"{', '.join(sorted(known))}")
+        raise UserError(
+            f"{where}: meta has unknown field {unknown[0]!r}; expected only "
+            f"{', '.join(sorted(known))}"
+        )
     for key in ("dataset", "classes", "palette"):
         if key not in m:
             raise UserError(f"{where}: meta field {key!r} is missing")
     if m.get("schema", SCHEMA) != SCHEMA:
-        raise UserError(f"{where}: meta.schema is {m.get('schema')!r}; this version reads "
-                        f"schema {SCHEMA}")
+        raise UserError(
+            f"{where}: meta.schema is {m.get('schema')!r}; this version reads schema {SCHEMA}"
+        )
     classes, palette = m["classes"], m["palette"]
     if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
         raise UserError(f"{where}: meta.classes must be a non-empty list of names")
     if len(classes) > 255:
-        raise UserError(f"{where}: meta.classes has {len(classes)} names; at most 255 fit "
-                        "uint8 labels with 255 = ignore")
+        raise UserError(
+            f"{where}: meta.classes has {len(classes)} names; at most 255 fit "
+            "uint8 labels with 255 = ignore"
+        )
     if len(set(classes)) != len(classes):
         raise UserError(f"{where}: meta.classes has duplicate names")
-    ok_pal = isinstance(palette, list) and len(palette) == len(classes) and all(
-        isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
-        for c in palette)
+    ok_pal = (
+        isinstance(palette, list)
+        and len(palette) == len(classes)
+        and all(
+            isinstance(c, list)
+            and len(c) == 3
+            and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+            for c in palette
+        )
+    )
     if not ok_pal:
-        raise UserError(f"{where}: meta.palette must hold one [r, g, b] (0-255) per class "
-                        f"({len(classes)} classes)")
+        raise UserError(
+            f"{where}: meta.palette must hold one [r, g, b] (0-255) per class "
+            f"({len(classes)} classes)"
+        )
     bg = m.get("background_index")
     if bg is not None and not (isinstance(bg, int) and 0 <= bg < len(classes)):
-        raise UserError(f"{where}: meta.background_index = {bg!r}; expected null or a class "
-                        f"index in [0, {len(classes) - 1}]")
+        raise UserError(
+            f"{where}: meta.background_index = {bg!r}; expected null or a class "
+            f"index in [0, {len(classes) - 1}]"
+        )
     if m.get("ignore_index", IGNORE_INDEX) != IGNORE_INDEX:
         raise UserError(f"{where}: meta.ignore_index must be {IGNORE_INDEX}")
     return Meta(**m)
@@ -231,12 +253,15 @@ def _parse_row(obj: Any, where: str) -> Row:
         raise UserError(f"{where}: row field {missing[0]!r} is missing")
     extra = sorted(set(obj) - set(_ROW_TYPES))
     if extra:
-        raise UserError(f"{where}: unknown row field {extra[0]!r}; expected only "
-                        f"{', '.join(_ROW_TYPES)}")
+        raise UserError(
+            f"{where}: unknown row field {extra[0]!r}; expected only {', '.join(_ROW_TYPES)}"
+        )
     for key, types in _ROW_TYPES.items():
         if not isinstance(obj[key], types) or isinstance(obj[key], bool):
-            raise UserError(f"{where}: row field {key!r} = {obj[key]!r}; expected "
-                            f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}")
+            raise UserError(
+                f"{where}: row field {key!r} = {obj[key]!r}; expected "
+                f"{' or '.join('null' if t is type(None) else t.__name__ for t in types)}"
+            )
     if obj["split"] not in SPLITS:
         raise UserError(f"{where}: split = {obj['split']!r}; expected one of {', '.join(SPLITS)}")
     if obj["height"] <= 0 or obj["width"] <= 0:
@@ -277,8 +302,10 @@ def load(path: str | os.PathLike) -> Manifest:
     for lineno, obj in objs[1:]:
         row = _parse_row(obj, f"{path}:{lineno}")
         if row.id in seen:
-            raise UserError(f"{path}:{lineno}: duplicate id {row.id!r} (first on line "
-                            f"{seen[row.id]}); expected unique ids")
+            raise UserError(
+                f"{path}:{lineno}: duplicate id {row.id!r} (first on line "
+                f"{seen[row.id]}); expected unique ids"
+            )
         seen[row.id] = lineno
         rows.append(row)
     return Manifest(meta=meta, rows=rows, path=path.resolve())
