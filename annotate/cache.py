@@ -30,8 +30,11 @@ changed afterwards; writers only add image groups, each image by exactly one wri
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,14 +45,20 @@ from urllib.parse import quote, unquote
 import cv2
 import numpy as np
 import zarr
+from numcodecs import Zstd
 from zarr.codecs import ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import GroupMetadata
+from zarr.storage import MemoryStore
 
 from data_manifest.errors import UserError
 
 SCHEMA = 1
 NORMALIZATIONS = ("softmax", "sum", "probs")
 _PREFIX = "im-"
+_TMP = ".tmp-"
 _COMPRESSORS = (ZstdCodec(level=3),)
+_ZSTD = Zstd(level=3)  # the same encoder as ZstdCodec(level=3, checksum=False)
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,10 @@ class CacheMeta:
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str) -> CacheMeta:
         if attrs.get("schema") != SCHEMA:
-            raise UserError(f"{where}: cache schema is {attrs.get('schema')!r}; this version "
-                            f"reads schema {SCHEMA}")
+            raise UserError(
+                f"{where}: cache schema is {attrs.get('schema')!r}; this version "
+                f"reads schema {SCHEMA}"
+            )
         try:
             d = {k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs}
             d["classes"] = tuple(d["classes"])
@@ -90,7 +101,7 @@ def image_key(image_id: str) -> str:
 
 
 def _key_to_id(key: str) -> str:
-    return unquote(key[len(_PREFIX):])
+    return unquote(key[len(_PREFIX) :])
 
 
 def to_probs(scores: np.ndarray, normalization: str) -> np.ndarray:
@@ -116,8 +127,10 @@ def resize_chw(a: np.ndarray, height: int, width: int) -> np.ndarray:
     if a.shape[1:] == (height, width):
         return a
     hwc = np.ascontiguousarray(np.moveaxis(a, 0, -1))
-    chunks = [cv2.resize(hwc[..., i:i + 256], (width, height), interpolation=cv2.INTER_LINEAR)
-              for i in range(0, hwc.shape[-1], 256)]
+    chunks = [
+        cv2.resize(hwc[..., i : i + 256], (width, height), interpolation=cv2.INTER_LINEAR)
+        for i in range(0, hwc.shape[-1], 256)
+    ]
     out = np.concatenate([c[..., None] if c.ndim == 2 else c for c in chunks], axis=-1)
     return np.ascontiguousarray(np.moveaxis(out, -1, 0))
 
@@ -131,7 +144,17 @@ def topk_encode(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         (index uint8 (k, h, w), prob float16 (k, h, w)), most probable first.
     """
     k = min(k, probs.shape[0])
-    idx = np.argsort(-probs, axis=0, kind="stable")[:k]
+    if k <= 4:  # k argmax passes: the order of a stable sort (ties: lowest index first)
+        work = probs.reshape(probs.shape[0], -1).copy()
+        cols = np.arange(work.shape[1])
+        rows = []
+        for _ in range(k):
+            i = work.argmax(axis=0)
+            rows.append(i)
+            work[i, cols] = -np.inf
+        idx = np.stack(rows).reshape(k, *probs.shape[1:])
+    else:
+        idx = np.argsort(-probs, axis=0, kind="stable")[:k]
     return idx.astype(np.uint8), np.take_along_axis(probs, idx, axis=0).astype(np.float16)
 
 
@@ -143,6 +166,8 @@ def topk_decode(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.nda
     """
     p = prob.astype(np.float32)
     k = p.shape[0]
+    for r in range(1, k):  # keep the stored order when float16 rounding made a tie: each rank
+        p[r] = np.minimum(p[r], np.nextafter(p[r - 1], np.float32(0)))  # 1 ulp below the last
     rest = np.clip(1.0 - p.sum(axis=0), 0.0, None)
     fill = rest / max(num_classes - k, 1) if num_classes > k else np.zeros_like(rest)
     out = np.broadcast_to(fill, (num_classes, *p.shape[1:])).copy()
@@ -150,6 +175,82 @@ def topk_decode(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.nda
     if num_classes == k:
         out /= np.maximum(out.sum(axis=0, keepdims=True), 1e-12)
     return out
+
+
+_ARRAY_META: dict[tuple[tuple[int, ...], str], bytes] = {}
+_ARRAY_META_LOCK = threading.Lock()
+
+
+def _array_metadata(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """zarr.json of a one-chunk array of this shape and dtype, made once by zarr itself."""
+    key = (tuple(shape), dtype.str)
+    with _ARRAY_META_LOCK:
+        if key not in _ARRAY_META:
+            files: dict[str, Any] = {}
+            g = zarr.open_group(MemoryStore(store_dict=files), mode="w")
+            g.create_array("a", shape=shape, dtype=dtype, chunks=shape, compressors=_COMPRESSORS)
+            _ARRAY_META[key] = files["a/zarr.json"].to_bytes()
+        return _ARRAY_META[key]
+
+
+def encode_group(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[str, bytes]:
+    """The files of a Zarr v3 group holding ``arrays`` (one chunk each), by relative key.
+
+    The bytes are those zarr writes (metadata made by zarr, chunks encoded with the same
+    bytes + zstd codecs), produced without zarr's asynchronous store machinery, which costs
+    several times more than the encoding itself for small groups.
+    """
+    files = {
+        "zarr.json": GroupMetadata(attributes=attrs)
+        .to_buffer_dict(default_buffer_prototype())["zarr.json"]
+        .to_bytes()
+    }
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        files[f"{name}/zarr.json"] = _array_metadata(a.shape, a.dtype)
+        files[f"{name}/c/" + "/".join("0" * a.ndim)] = _ZSTD.encode(a.tobytes())
+    return files
+
+
+_ARRAY_NAMES = ("scores", "topk_index", "topk_prob")
+
+
+class _NotSimple(Exception):
+    """An array stored in a layout other than one zstd-compressed chunk."""
+
+
+def _read_single_chunk(folder: Path) -> np.ndarray:
+    """Read a one-chunk Zarr v3 array (bytes [+ zstd] codecs) from its files."""
+    meta = json.loads((folder / "zarr.json").read_bytes())
+    shape = tuple(meta["shape"])
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    codecs = [c["name"] for c in meta.get("codecs", [])]
+    sep = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+    endian = next(
+        (
+            c.get("configuration", {}).get("endian", "little")
+            for c in meta.get("codecs", [])
+            if c["name"] == "bytes"
+        ),
+        "little",
+    )
+    if (
+        tuple(grid or ()) != shape
+        or codecs not in (["bytes", "zstd"], ["bytes"])
+        or meta.get("chunk_key_encoding", {}).get("name") != "default"
+        or sep != "/"
+        or endian != "little"
+        or meta.get("storage_transformers")
+    ):
+        raise _NotSimple
+    dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    chunk = folder.joinpath("c", *("0" * len(shape)))
+    if not chunk.is_file():  # never written: all fill value
+        return np.full(shape, meta.get("fill_value", 0), dtype=dtype.newbyteorder("="))
+    raw = chunk.read_bytes()
+    if codecs[-1] == "zstd":
+        raw = _ZSTD.decode(raw)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 class Cache:
@@ -163,8 +264,9 @@ class Cache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not (self.path / "zarr.json").is_file():
-            raise UserError(f"{self.path}: not a cache (no zarr.json); run `python -m annotate "
-                            "run` first")
+            raise UserError(
+                f"{self.path}: not a cache (no zarr.json); run `python -m annotate run` first"
+            )
         try:
             group = zarr.open_group(str(self.path), mode="r")
         except Exception as exc:
@@ -189,8 +291,10 @@ class Cache:
         return sorted(_key_to_id(n) for n in os.listdir(d) if n.startswith(_PREFIX))
 
     def __contains__(self, image_id: object) -> bool:
-        return isinstance(image_id, str) and (self.path / "images" / image_key(image_id)
-                                              / "zarr.json").is_file()
+        return (
+            isinstance(image_id, str)
+            and (self.path / "images" / image_key(image_id) / "zarr.json").is_file()
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -209,12 +313,33 @@ class Cache:
 
         mode is "scores" (raw scores), "probs" (probabilities) or "topk" (top-k probabilities).
         """
-        return dict(self._group(image_id).attrs)
+        return self._read(image_id, arrays=False)[0]
 
     def stored(self, image_id: str) -> dict[str, np.ndarray]:
         """The raw stored arrays of one image, by name (float16 / uint8, stored resolution)."""
-        g = self._group(image_id)
-        return {name: arr[...] for name, arr in g.arrays()}
+        return self._read(image_id, arrays=True)[1]
+
+    def _read(self, image_id: str, arrays: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(attributes, arrays) of one image group.
+
+        Groups in the layout this module writes (one chunk per array, bytes + zstd codecs) are
+        read directly from their files, several times faster than through zarr's store
+        machinery; anything else is read through zarr.
+        """
+        if image_id not in self:
+            raise UserError(f"{self.path}: image {image_id!r} is not in the cache")
+        d = self.path / "images" / image_key(image_id)
+        try:
+            attrs = json.loads((d / "zarr.json").read_bytes())["attributes"]
+            out = {}
+            if arrays:
+                for name in _ARRAY_NAMES:
+                    if (d / name / "zarr.json").is_file():
+                        out[name] = _read_single_chunk(d / name)
+            return attrs, out
+        except _NotSimple:
+            g = self._group(image_id)
+            return dict(g.attrs), {n: a[...] for n, a in g.arrays()} if arrays else {}
 
     def scores(self, image_id: str) -> np.ndarray:
         """float32 (K, H, W) scores at image resolution.
@@ -268,8 +393,9 @@ def open_cache(path: str | os.PathLike) -> Cache:
 class CacheWriter(Cache):
     """Adds images to a cache. Create it with :func:`create_or_open`."""
 
-    def write(self, image_id: str, scores: np.ndarray, height: int, width: int,
-              topk: bool = False) -> None:
+    def write(
+        self, image_id: str, scores: np.ndarray, height: int, width: int, topk: bool = False
+    ) -> None:
         """Store one image atomically (a no-op if it is already present).
 
         Args:
@@ -280,8 +406,10 @@ class CacheWriter(Cache):
         if image_id in self:
             return
         if scores.ndim != 3 or scores.shape[0] != self.num_classes:
-            raise ValueError(f"scores for {image_id!r} have shape {scores.shape}; expected "
-                             f"({self.num_classes}, h, w)")
+            raise ValueError(
+                f"scores for {image_id!r} have shape {scores.shape}; expected "
+                f"({self.num_classes}, h, w)"
+            )
         use_topk = topk and 0 < self.meta.topk < self.num_classes
         if use_topk or self.meta.resolution == "image":
             data = to_probs(scores, self.meta.normalization)
@@ -294,19 +422,23 @@ class CacheWriter(Cache):
                 arrays, mode = {"scores": data.astype(np.float16)}, "probs"
         else:
             arrays, mode = {"scores": scores.astype(np.float16)}, "scores"
-        self._write_group(image_id, arrays, {"id": image_id, "height": int(height),
-                                             "width": int(width), "mode": mode})
+        self._write_group(
+            image_id,
+            arrays,
+            {"id": image_id, "height": int(height), "width": int(width), "mode": mode},
+        )
 
-    def _write_group(self, image_id: str, arrays: dict[str, np.ndarray],
-                     attrs: dict[str, Any]) -> None:
+    def _write_group(
+        self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
+    ) -> None:
         images = self.path / "images"
         final = images / image_key(image_id)
-        tmp = images / f".tmp-{uuid.uuid4().hex}"
+        tmp = images / f"{_TMP}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
         try:
-            g = zarr.open_group(str(tmp), mode="w", attributes=attrs)
-            for name, a in arrays.items():
-                g.create_array(name, data=np.ascontiguousarray(a), chunks=a.shape,
-                               compressors=_COMPRESSORS)
+            for key, data in encode_group(arrays, attrs).items():
+                f = tmp.joinpath(*key.split("/"))
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(data)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -316,16 +448,36 @@ class CacheWriter(Cache):
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def clean_temporaries(self) -> int:
+    def clean_temporaries(self, dead_only: bool = False) -> int:
         """Remove groups left half-written by killed writers. Returns how many were removed.
 
-        Only call this when no other writer is running on the cache.
+        With ``dead_only=False`` only call this when no other writer is running on the cache.
+        With ``dead_only=True`` it removes only temporaries of processes on this host that no
+        longer run, so it is safe while other shards are writing.
         """
         images = self.path / "images"
-        stale = [p for p in images.iterdir() if p.name.startswith(".tmp-")]
+        stale = [
+            p
+            for p in images.iterdir()
+            if p.name.startswith(_TMP) and (not dead_only or _writer_is_dead(p.name))
+        ]
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
         return len(stale)
+
+
+def _writer_is_dead(name: str) -> bool:
+    """True when a temporary group's writer (``.tmp-<host>-<pid>-<hex>``) is gone."""
+    host, _, rest = name[len(_TMP) :].rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not rest.isdigit():
+        return False
+    try:
+        os.kill(int(rest), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def create_or_open(path: str | os.PathLike, meta: CacheMeta) -> CacheWriter:
@@ -367,13 +519,22 @@ def create_or_open(path: str | os.PathLike, meta: CacheMeta) -> CacheWriter:
 
 def check_compatible(have: CacheMeta, want: CacheMeta, where: str) -> None:
     """Raise UserError naming the first metadata field that differs."""
-    for name in ("classes", "annotator", "model_sha256", "manifest_fingerprint",
-                 "normalization", "resolution", "topk"):
+    for name in (
+        "classes",
+        "annotator",
+        "model_sha256",
+        "manifest_fingerprint",
+        "normalization",
+        "resolution",
+        "topk",
+    ):
         a, b = getattr(have, name), getattr(want, name)
         if a != b:
-            raise UserError(f"{where}: cache was made with {name} = {_short(a)}, this run has "
-                            f"{_short(b)}; use a new cache path (or delete this one) instead of "
-                            "mixing results")
+            raise UserError(
+                f"{where}: cache was made with {name} = {_short(a)}, this run has "
+                f"{_short(b)}; use a new cache path (or delete this one) instead of "
+                "mixing results"
+            )
 
 
 def _short(v: Any) -> str:

@@ -1,0 +1,106 @@
+"""The ``[annotate]`` section of the run config (documented in ``configs/demo.toml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_manifest.manifest import SPLITS
+
+DEFAULT_SPLITS = ("labeled", "unlabeled", "val")
+DEMO_MODEL = "data/demo/annotator/best.pt"
+DEMO_TRAIN_CONFIG = "configs/demo_annotator.toml"
+
+
+@dataclass
+class AnnotateConfig:
+    """Settings of ``python -m annotate run``; every field is a key of ``[annotate]``."""
+
+    annotator: Literal["demo", "torch", "hf", "seem"] = "demo"
+    model: str = ""
+    seem_config: str = ""
+    seem_root: str = ""
+    cache: str = ""
+    splits: tuple[str, ...] = DEFAULT_SPLITS
+    batch_size: int = 8
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    topk: int = -1
+    resolution: Literal["native", "image"] = "native"
+    input_size: tuple[int, ...] = ()
+    model_classes: tuple[str, ...] = ()
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    normalization: Literal["", "softmax", "sum", "probs"] = ""
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    vocabulary: dict[str, list[str]] = field(default_factory=dict)
+    unmapped: Literal["error", "drop", "background"] = "error"
+    skip_bad: bool = False
+    demo_train_config: str = DEMO_TRAIN_CONFIG
+    scheduler: str = ""
+    shards: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.splits if s not in SPLITS]
+        if bad or not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ValueError(
+                f"splits = {list(self.splits)!r}: expected distinct names from {', '.join(SPLITS)}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size = {self.batch_size}: expected an integer >= 1")
+        if self.workers < 0:
+            raise ValueError(f"workers = {self.workers}: expected an integer >= 0")
+        if self.topk < -1 or self.topk > 255:
+            raise ValueError(f"topk = {self.topk}: expected -1 (auto), 0 (off) or 1..255")
+        if self.input_size and (len(self.input_size) != 2 or min(self.input_size) < 8):
+            raise ValueError(
+                f"input_size = {list(self.input_size)!r}: expected [] (each image "
+                "at its own size) or [height, width] with both >= 8"
+            )
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"
+        ):
+            raise ValueError(
+                f'device = {self.device!r}: expected "auto", "cpu", "cuda", "cuda:N" or "mps"'
+            )
+        if self.scheduler and not (
+            self.scheduler.startswith(("tcp://", "tls://")) or _local_workers(self.scheduler) > 0
+        ):
+            raise ValueError(
+                f'scheduler = {self.scheduler!r}: expected "" (this process), '
+                '"local:N" (N worker processes here) or a Dask scheduler '
+                "address tcp://HOST:PORT"
+            )
+        if self.shards < 0:
+            raise ValueError(f"shards = {self.shards}: expected 0 (one per Dask worker) or more")
+        for name in ("mean", "std"):
+            v = getattr(self, name)
+            if v and (len(v) != 3 or (name == "std" and min(v) <= 0)):
+                raise ValueError(
+                    f"{name} = {list(v)!r}: expected [] or three numbers on the 0-1 "
+                    "scale" + (" (all > 0)" if name == "std" else "")
+                )
+
+
+def _local_workers(scheduler: str) -> int:
+    """N of "local:N" (0 when it is not of that form)."""
+    head, _, n = scheduler.partition(":")
+    return int(n) if head == "local" and n.isdigit() else 0
+
+
+def auto_topk(num_classes: int) -> int:
+    """Default k for top-k storage of unlabeled images: min(K // 3, 4), at least 1; 0 (off)
+    when K <= 2.
+
+    Measured by ``bench/annotate_cache.py`` on the demo (7 classes, 300 unlabeled images,
+    q̂ = 0.995 at α = 0.05): k = 2 stores 0.066 of the bytes of float32 logits with 99.999 % of
+    LAC pseudo-label pixels unchanged; k = 1 stores 0.018 but keeps only 86 % unchanged (the
+    second class decides the foreground-over-background rule). Compressed top-k costs about
+    1.3 bytes per pixel and stored class at most, so k <= K / 3 keeps
+    within 1/8 of the 4 K bytes of float32 logits; beyond 4 classes the extra mass is too
+    small to change a prediction set in practice.
+    """
+    if num_classes <= 2:
+        return 0
+    return max(1, min(num_classes - 1, num_classes // 3, 4))

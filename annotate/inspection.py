@@ -1,0 +1,142 @@
+"""Look into a cache: a summary of what it holds, and a picture of one image's annotation."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from annotate.cache import Cache, open_cache
+from data_manifest.config import load_config, run_dir
+from data_manifest.errors import UserError
+from data_manifest.io import atomic_path, colorize
+
+
+def find_cache(path: str | os.PathLike) -> Cache:
+    """Open a cache given the cache folder, a run folder holding ``cache.zarr``, or a run
+    config (its ``[annotate] cache``, else ``{run_dir}/cache.zarr``)."""
+    p = Path(path)
+    if (p / "zarr.json").is_file():
+        return open_cache(p)
+    if (p / "cache.zarr" / "zarr.json").is_file():
+        return open_cache(p / "cache.zarr")
+    if p.is_file() and p.suffix == ".toml":
+        cfg = load_config(p)
+        cache = cfg.get("annotate", {}).get("cache") or run_dir(cfg) / "cache.zarr"
+        return open_cache(cache)
+    raise UserError(
+        f"{p}: not a cache, a run folder with cache.zarr, or a run config; expected "
+        "one of these (run `python -m annotate run` first)"
+    )
+
+
+def summarize(cache: Cache, limit: int | None = None) -> dict[str, Any]:
+    """Figures about a cache.
+
+    Returns:
+        images, classes, modes (count per storage mode), bytes_on_disk, bytes_per_image, and
+        per_class: for each class the share of pixels where it is the annotator's argmax and
+        the mean top probability over those pixels (over the first ``limit`` images if given).
+    """
+    ids = cache.ids
+    k = cache.num_classes
+    modes: Counter[str] = Counter()
+    pix = np.zeros(k, dtype=np.int64)
+    top_sum = np.zeros(k, dtype=np.float64)
+    seen = ids if limit is None else ids[:limit]
+    for image_id in seen:
+        modes[cache.info(image_id)["mode"]] += 1
+        p = cache.probs(image_id)
+        arg = p.argmax(axis=0).ravel()
+        top = p.max(axis=0).ravel()
+        pix += np.bincount(arg, minlength=k)
+        top_sum += np.bincount(arg, weights=top, minlength=k)
+    size = cache.nbytes_on_disk()
+    total = max(int(pix.sum()), 1)
+    per_class = [
+        {
+            "class": c,
+            "pixel_share": float(pix[j] / total),
+            "mean_top_prob": float(top_sum[j] / pix[j]) if pix[j] else None,
+        }
+        for j, c in enumerate(cache.classes)
+    ]
+    return {
+        "cache": str(cache.path),
+        "images": len(ids),
+        "images_read": len(seen),
+        "classes": cache.classes,
+        "annotator": cache.meta.annotator,
+        "model_sha256": cache.meta.model_sha256,
+        "normalization": cache.meta.normalization,
+        "resolution": cache.meta.resolution,
+        "topk": cache.meta.topk,
+        "modes": dict(modes),
+        "bytes_on_disk": size,
+        "bytes_per_image": size / len(ids) if ids else 0.0,
+        "per_class": per_class,
+    }
+
+
+def _manifest_for(cache: Cache, manifest: str | os.PathLike | None) -> Any:
+    import data_manifest
+
+    path = manifest or cache.meta.extra.get("manifest") or ""
+    if not path or not Path(path).is_file():
+        raise UserError(
+            f"{cache.path}: the manifest {str(path)!r} recorded in the cache is not "
+            "available; expected --manifest PATH"
+        )
+    m = data_manifest.load(path)
+    if m.fingerprint != cache.meta.manifest_fingerprint:
+        raise UserError(
+            f"{path}: manifest fingerprint {m.fingerprint[:12]} differs from the "
+            f"cache's {cache.meta.manifest_fingerprint[:12]}; expected the manifest "
+            "the cache was made from"
+        )
+    return m
+
+
+def render_show(
+    cache: Cache, image_id: str, out: str | os.PathLike, manifest: str | os.PathLike | None = None
+) -> Path:
+    """Write a PNG: the image | the annotator's argmax in the dataset palette | its top
+    probability as a heat map. Returns the written path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = _manifest_for(cache, manifest)
+    if image_id not in cache:
+        raise UserError(
+            f"{cache.path}: image {image_id!r} is not in the cache; expected one of "
+            f"{', '.join(repr(i) for i in cache.ids[:5])}{', ...' if len(cache) > 5 else ''}"
+        )
+    image = m.read_image(m.row(image_id))
+    p = cache.probs(image_id)
+    arg = p.argmax(axis=0).astype(np.uint8)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4), constrained_layout=True)
+    axes[0].imshow(image)
+    axes[0].set_title(f"image {image_id}")
+    axes[1].imshow(colorize(arg, m.palette), interpolation="nearest")
+    axes[1].set_title(f"argmax ({cache.meta.annotator})")
+    present = [int(c) for c in np.unique(arg)]
+    handles = [
+        matplotlib.patches.Patch(color=np.asarray(m.palette[c]) / 255.0, label=m.classes[c])
+        for c in present
+    ]
+    axes[1].legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.8)
+    hm = axes[2].imshow(p.max(axis=0), cmap="magma", vmin=0.0, vmax=1.0)
+    axes[2].set_title("top probability")
+    fig.colorbar(hm, ax=axes[2], fraction=0.046)
+    for ax in axes:
+        ax.set_axis_off()
+    out = Path(out)
+    with atomic_path(out, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out

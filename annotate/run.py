@@ -1,0 +1,413 @@
+"""The annotation run: images in, per-class scores out to the Zarr cache.
+
+The work is cut into fixed batches: each split's rows in manifest order, ``batch_size`` at a
+time. Batch boundaries depend only on the manifest, the splits and the batch size, never on
+what is already cached, so a resumed or sharded run feeds the model exactly the same batches as
+an uninterrupted one and writes the same bytes. Shard ``i/n`` takes the batches whose index
+is ``i`` modulo ``n``.
+
+Three stages overlap: background threads read, check and resize images; the main thread runs
+batched forward passes (AMP on CUDA); a writer thread turns scores into cache entries.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from annotate.annotators import Annotator, build_annotator
+from annotate.cache import CacheMeta, CacheWriter, create_or_open
+from annotate.config import AnnotateConfig, auto_topk
+from annotate.vocab import Vocabulary, build_vocabulary
+from data_manifest.errors import UserError
+from data_manifest.manifest import Manifest, Row
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One fixed batch: its global index, split and rows (in manifest order)."""
+
+    index: int
+    split: str
+    rows: tuple[Row, ...]
+
+
+def plan_batches(manifest: Manifest, splits: tuple[str, ...], batch_size: int) -> list[Batch]:
+    """Cut each split (in the order given) into consecutive batches of ``batch_size`` rows."""
+    out: list[Batch] = []
+    for split in splits:
+        rows = manifest.split(split)
+        for start in range(0, len(rows), batch_size):
+            out.append(Batch(len(out), split, tuple(rows[start : start + batch_size])))
+    return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n; None -> (0, 1)."""
+    if text is None:
+        return 0, 1
+    parts = text.split("/")
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        i, n = int(parts[0]), int(parts[1])
+        if n >= 1 and 0 <= i < n:
+            return i, n
+    raise UserError(f"--shard = {text!r}: expected i/n with 0 <= i < n, e.g. 0/2 and 1/2")
+
+
+def select_device(name: str) -> Any:
+    """ "auto" -> cuda if available, else cpu; anything else as given (checked)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"[annotate] device = {name!r}: CUDA is not available on this machine; "
+            'expected "auto" or "cpu"'
+        )
+    return torch.device(name)
+
+
+@dataclass
+class Loaded:
+    """A batch after decoding: images ready for the model, and the rows that failed."""
+
+    batch: Batch
+    images: list[tuple[Row, np.ndarray]] = field(default_factory=list)
+    bad: list[dict[str, str]] = field(default_factory=list)
+
+
+def load_batch(manifest: Manifest, batch: Batch, input_size: tuple[int, ...]) -> Loaded:
+    """Read, check and resize the images of a batch (runs in a worker thread).
+
+    Images are uint8 (h, w, 3) RGB, resized bilinearly to ``input_size`` (height, width) when
+    given. An image that is missing, unreadable, or not the size the manifest says is
+    recorded in ``bad`` with its error message.
+    """
+    out = Loaded(batch)
+    for row in batch.rows:
+        try:
+            img = manifest.read_image(row)
+            if img.shape[:2] != (row.height, row.width):
+                raise UserError(
+                    f"{manifest.image_path(row)}: image is {img.shape[0]}x"
+                    f"{img.shape[1]}; the manifest row says {row.height}x{row.width}"
+                )
+        except UserError as exc:
+            out.bad.append(
+                {"id": row.id, "split": row.split, "image": row.image, "error": str(exc)}
+            )
+            continue
+        if input_size and img.shape[:2] != tuple(input_size):
+            img = cv2.resize(img, (input_size[1], input_size[0]), interpolation=cv2.INTER_LINEAR)
+        out.images.append((row, img))
+    return out
+
+
+@dataclass
+class RunResult:
+    """What a run did; ``report()`` gives the JSON written as ``annotate.json``."""
+
+    cache: Path
+    shard: tuple[int, int]
+    planned: dict[str, int]
+    present_before: dict[str, int]
+    annotated: dict[str, int]
+    skipped: list[dict[str, str]]
+    wall_s: float
+    forward_s: float
+    device: str
+    meta: CacheMeta | None = None
+
+    def report(self) -> dict[str, Any]:
+        n = sum(self.annotated.values())
+        return {
+            "cache": str(self.cache),
+            "shard": f"{self.shard[0]}/{self.shard[1]}",
+            "annotator": self.meta.annotator if self.meta else None,
+            "model_sha256": self.meta.model_sha256 if self.meta else None,
+            "manifest_fingerprint": self.meta.manifest_fingerprint if self.meta else None,
+            "normalization": self.meta.normalization if self.meta else None,
+            "topk": self.meta.topk if self.meta else None,
+            "device": self.device,
+            "planned": self.planned,
+            "present_before": self.present_before,
+            "annotated": self.annotated,
+            "skipped": self.skipped,
+            "wall_s": round(self.wall_s, 4),
+            "forward_s": round(self.forward_s, 4),
+            "images_per_s": round(n / self.wall_s, 3) if self.wall_s > 0 else None,
+            "wall_over_forward": round(self.wall_s / self.forward_s, 4)
+            if self.forward_s > 0
+            else None,
+        }
+
+
+def cache_meta(
+    cfg: AnnotateConfig, manifest: Manifest, annotator: Annotator, vocab: Vocabulary
+) -> CacheMeta:
+    """The cache metadata of a run (equal metadata = results that may share a cache)."""
+    k = auto_topk(len(manifest.classes)) if cfg.topk == -1 else cfg.topk
+    settings = {"input_size": list(cfg.input_size), "vocabulary": vocab.describe()}
+    return CacheMeta(
+        classes=tuple(manifest.classes),
+        annotator=annotator.name,
+        model_sha256=annotator.model_sha256,
+        manifest_fingerprint=manifest.fingerprint,
+        normalization=vocab.output_normalization(annotator.normalization),  # type: ignore[arg-type]
+        resolution=cfg.resolution,
+        topk=k,
+        extra={
+            "settings": settings,
+            "model": annotator.extra,
+            "manifest": str(manifest.path) if manifest.path else "",
+        },
+    )
+
+
+def open_for_run(path: Path, meta: CacheMeta) -> CacheWriter:
+    """Open or create the cache; also refuse a cache made with other input settings."""
+    writer = create_or_open(path, meta)
+    have = writer.meta.extra.get("settings")
+    if have is not None and have != meta.extra["settings"]:
+        for key in meta.extra["settings"]:
+            if have.get(key) != meta.extra["settings"][key]:
+                raise UserError(
+                    f"{path}: cache was made with {key} = {have.get(key)!r}, this run "
+                    f"has {meta.extra['settings'][key]!r}; use a new cache path (or "
+                    "delete this one) instead of mixing results"
+                )
+    return writer
+
+
+def _prepare(
+    cfg: AnnotateConfig, manifest: Manifest, cache_path: Path, annotator: Annotator | None
+) -> tuple[Annotator, Vocabulary, CacheWriter]:
+    """Build the annotator (unless given) and its vocabulary; create or check the cache."""
+    annotator = annotator or build_annotator(cfg, manifest)
+    vocab = build_vocabulary(
+        annotator.classes,
+        manifest.classes,
+        cfg.vocabulary or annotator.groups,
+        cfg.unmapped,
+        manifest.meta.background_index,
+    )
+    return annotator, vocab, open_for_run(cache_path, cache_meta(cfg, manifest, annotator, vocab))
+
+
+def run_annotation(
+    cfg: AnnotateConfig,
+    manifest: Manifest,
+    cache_path: str | os.PathLike,
+    shard: tuple[int, int] = (0, 1),
+    annotator: Annotator | None = None,
+    on_progress: Callable[[int, int, int], None] | None = None,
+) -> RunResult:
+    """Annotate the images of ``cfg.splits`` that are not in the cache yet.
+
+    Args:
+        cfg: the ``[annotate]`` settings.
+        manifest: the dataset.
+        cache_path: the Zarr cache folder (created if absent).
+        shard: (i, n): take only batches whose index is i modulo n.
+        annotator: a ready annotator (default: built from ``cfg``).
+        on_progress: called as ``on_progress(done_images, total_images, batches_left)``.
+    Raises:
+        UserError: bad settings, a mismatched cache, or an unreadable image (unless
+            ``cfg.skip_bad``; then it is skipped and listed in ``RunResult.skipped``).
+    """
+
+    cache_path = Path(cache_path)
+    device = select_device(cfg.device)
+    annotator, vocab, writer = _prepare(cfg, manifest, cache_path, annotator)
+    meta = writer.meta
+    t0 = time.perf_counter()  # after building the model (the demo's may train it first)
+    writer.clean_temporaries(dead_only=True)
+    present = set(writer.ids)
+    i, n = shard
+    mine = [b for b in plan_batches(manifest, cfg.splits, cfg.batch_size) if b.index % n == i]
+    planned = {s: sum(len(b.rows) for b in mine if b.split == s) for s in cfg.splits}
+    before = {
+        s: sum(r.id in present for b in mine if b.split == s for r in b.rows) for s in cfg.splits
+    }
+    todo = [b for b in mine if any(r.id not in present for r in b.rows)]
+    total = sum(r.id not in present for b in todo for r in b.rows)
+    annotated = dict.fromkeys(cfg.splits, 0)
+    skipped: list[dict[str, str]] = []
+    forward_s = 0.0
+    result = RunResult(
+        cache_path, shard, planned, before, annotated, skipped, 0.0, 0.0, str(device), meta
+    )
+    if not todo:
+        result.wall_s = time.perf_counter() - t0
+        return result
+
+    annotator.to(device)
+    amp = cfg.amp and device.type == "cuda"
+    loader = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="annotate-load")
+    saver = ThreadPoolExecutor(1, thread_name_prefix="annotate-write")
+    loads: deque[Future[Loaded]] = deque()
+    writes: deque[Future[None]] = deque()
+    queue = deque(todo)
+    depth = max(2, 2 * cfg.workers)
+    done = 0
+
+    def fill() -> None:
+        while queue and len(loads) < depth:
+            loads.append(loader.submit(load_batch, manifest, queue.popleft(), cfg.input_size))
+
+    try:
+        fill()
+        if on_progress:
+            on_progress(0, total, len(loads))
+        while loads:
+            item = loads.popleft().result()
+            fill()
+            for bad in item.bad:
+                if not cfg.skip_bad:
+                    raise UserError(
+                        f"{bad['error']} (image {bad['id']!r}, split "
+                        f"{bad['split']}); fix it, or pass --skip-bad to skip and "
+                        "report such images"
+                    )
+                if bad["id"] not in present:
+                    skipped.append(bad)
+                    done += 1  # counted as handled for the progress bar
+            for rows, scores in _forward(annotator, vocab, item.images, device, amp):
+                forward_s += scores[1]
+                for row, s in zip(rows, scores[0], strict=True):
+                    if row.id in present:
+                        continue
+                    writes.append(
+                        saver.submit(
+                            writer.write,
+                            row.id,
+                            s,
+                            row.height,
+                            row.width,
+                            topk=row.split == "unlabeled",
+                        )
+                    )
+                    present.add(row.id)
+                    annotated[row.split] += 1
+                    done += 1
+            while len(writes) > 2 * cfg.batch_size:
+                writes.popleft().result()
+            if on_progress:
+                on_progress(done, total, len(loads))
+        while writes:
+            writes.popleft().result()
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+        saver.shutdown(wait=True)
+    result.forward_s = forward_s
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _forward(
+    annotator: Annotator,
+    vocab: Vocabulary,
+    images: list[tuple[Row, np.ndarray]],
+    device: Any,
+    amp: bool,
+) -> list[tuple[list[Row], tuple[np.ndarray, float]]]:
+    """Run the model on equal-sized runs of a batch (in order).
+
+    Returns:
+        [(rows, (float32 scores (b, K, h, w) in dataset classes, seconds)), ...].
+    """
+    import torch
+
+    groups: dict[tuple[int, ...], list[tuple[Row, np.ndarray]]] = {}
+    for row, img in images:
+        groups.setdefault(img.shape, []).append((row, img))
+    out = []
+    for members in groups.values():
+        t = time.perf_counter()
+        x = torch.from_numpy(np.stack([img for _, img in members])).permute(0, 3, 1, 2)
+        x = x.to(device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            s = annotator.predict(x)
+            s = vocab.apply(s.float(), annotator.normalization)
+        arr = s.float().cpu().numpy()
+        out.append(([r for r, _ in members], (arr, time.perf_counter() - t)))
+    return out
+
+
+def _shard_task(
+    cfg: AnnotateConfig, manifest: Manifest, cache_path: str, i: int, n: int
+) -> RunResult:
+    """One shard on a Dask worker (builds its own annotator there)."""
+    return run_annotation(cfg, manifest, cache_path, (i, n))
+
+
+def run_on_dask(
+    cfg: AnnotateConfig,
+    manifest: Manifest,
+    cache_path: str | os.PathLike,
+    annotator: Annotator | None = None,
+) -> RunResult:
+    """Run the shards of the annotation as tasks on a Dask cluster.
+
+    ``cfg.scheduler`` is ``"local:N"`` (a LocalCluster of N single-threaded worker processes)
+    or the address of a running scheduler; ``cfg.shards`` shards (default: one per worker),
+    each one task that builds the annotator on its worker and writes its own images. The
+    workers must see the manifest, the images, the model and the cache at the same paths.
+    The cache metadata is created here first, so workers only add images.
+
+    Returns:
+        The shards' results merged (counts summed, forward time summed over workers).
+    """
+    from distributed import Client, LocalCluster
+
+    from annotate.config import _local_workers
+
+    t0 = time.perf_counter()
+    annotator, vocab, writer = _prepare(cfg, manifest, Path(cache_path), annotator)
+    meta = writer.meta
+    local = _local_workers(cfg.scheduler)
+    cluster = (
+        LocalCluster(n_workers=local, threads_per_worker=1, processes=True, dashboard_address=None)
+        if local
+        else None
+    )
+    try:
+        with Client(cluster if cluster is not None else cfg.scheduler) as client:
+            n = cfg.shards or max(1, len(client.scheduler_info()["workers"]))
+            futures = [
+                client.submit(_shard_task, cfg, manifest, str(cache_path), i, n, pure=False)
+                for i in range(n)
+            ]
+            parts: list[RunResult] = client.gather(futures)
+    except UserError:
+        raise
+    except OSError as exc:
+        raise UserError(
+            f"[annotate] scheduler = {cfg.scheduler!r}: cannot reach the Dask scheduler ({exc})"
+        ) from None
+    finally:
+        if cluster is not None:
+            cluster.close()
+    merged = RunResult(
+        Path(cache_path),
+        (0, 1),
+        {s: sum(p.planned[s] for p in parts) for s in cfg.splits},
+        {s: sum(p.present_before[s] for p in parts) for s in cfg.splits},
+        {s: sum(p.annotated[s] for p in parts) for s in cfg.splits},
+        [b for p in parts for b in p.skipped],
+        time.perf_counter() - t0,
+        sum(p.forward_s for p in parts),
+        ", ".join(sorted({p.device for p in parts})),
+        meta,
+    )
+    return merged

@@ -1,0 +1,271 @@
+"""Annotator backends: torch (TorchScript and trainer checkpoints), demo, SEEM (stand-in model
+obeying SEEM's output contract; the real model only where installed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _annotate_fixtures import CLASSES, PALETTE, make_dataset, save_torchscript
+
+import data_manifest
+from annotate import open_cache
+from annotate.annotators import BACKENDS, build_annotator, load_torch
+from annotate.config import AnnotateConfig
+from annotate.run import run_annotation
+from annotate.seem import INSTALL_HINT, SeemAnnotator, background_prompt
+from annotate.vocab import prompt_groups
+from data_manifest.errors import UserError
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+
+
+def softmax(x, axis=0):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def test_backend_dict():
+    assert set(BACKENDS) == {"demo", "torch", "hf", "seem"}
+    with pytest.raises(UserError, match="annotator = 'sam'; expected one of demo, torch, hf"):
+        build_annotator(_cfg_unchecked("sam"), None)
+
+
+def _cfg_unchecked(name):
+    c = AnnotateConfig()
+    object.__setattr__(c, "annotator", name)
+    return c
+
+
+def test_torchscript_without_metadata_uses_config(tmp_path):
+    man = make_dataset(tmp_path / "ds", 1, 0, 0)
+    m = data_manifest.load(man)
+    path = save_torchscript(tmp_path / "m.pt", num_classes=2)
+    cfg = AnnotateConfig(
+        annotator="torch",
+        model=str(path),
+        model_classes=("cat", "dog"),
+        mean=(0.1, 0.2, 0.3),
+        std=(0.5, 0.5, 0.5),
+        normalization="softmax",
+    )
+    ann = load_torch(cfg, m)
+    assert ann.classes == ("cat", "dog") and ann.extra["format"] == "torchscript"
+    img = m.read_image(m.rows[0])
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    got = ann.predict(x).detach().numpy()
+    norm = (img.astype(np.float32) / 255 - [0.1, 0.2, 0.3]) / 0.5
+    want = (
+        torch.jit.load(str(path))(torch.from_numpy(norm.astype(np.float32)).permute(2, 0, 1)[None])
+        .detach()
+        .numpy()
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # defaults: the dataset's classes, which must then match the output channels
+    with pytest.raises(
+        UserError,
+        match=r"model output has shape \(1, 2, 20, 28\); expected "
+        r"\(B, 3, h, w\)",
+    ):
+        load_torch(AnnotateConfig(annotator="torch", model=str(path)), m).predict(x)
+
+
+def test_torch_backend_rejects_non_models(tmp_path):
+    man = make_dataset(tmp_path / "ds", 1, 0, 0)
+    m = data_manifest.load(man)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(UserError, match="junk.pt: cannot read checkpoint"):
+        load_torch(AnnotateConfig(annotator="torch", model=str(tmp_path / "junk.pt")), m)
+    with pytest.raises(UserError, match="model is not set"):
+        load_torch(AnnotateConfig(annotator="torch"), m)
+
+
+def _trainer_checkpoint(path: Path) -> Path:
+    inference = pytest.importorskip("train.inference")
+    from train.models import build_model
+
+    torch.manual_seed(0)
+    net = build_model("deeplabv3plus_effl0", len(CLASSES), pretrained=False).eval()
+    info = inference.checkpoint_info("deeplabv3plus_effl0", CLASSES, PALETTE)
+    torch.save({"model": net.state_dict(), "info": info}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_trainer_checkpoint_and_demo_backend(tmp_path):
+    man = make_dataset(tmp_path / "ds", 1, 1, 0, size=(32, 32))
+    m = data_manifest.load(man)
+    ckpt = _trainer_checkpoint(tmp_path / "best.pt")
+    cfg = AnnotateConfig(annotator="demo", model=str(ckpt), batch_size=2, device="cpu", topk=0)
+    run_annotation(cfg, m, tmp_path / "c.zarr")
+    cache = open_cache(tmp_path / "c.zarr")
+    assert cache.meta.annotator == "demo"
+    assert cache.meta.extra["model"]["arch"] == "deeplabv3plus_effl0"
+    from train.inference import load_checkpoint_model
+
+    net, info = load_checkpoint_model(ckpt)
+    row = m.rows[1]
+    x = torch.from_numpy(m.read_image(row)).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(info["mean"]).view(1, 3, 1, 1)) / torch.tensor(info["std"]).view(
+        1, 3, 1, 1
+    )
+    with torch.no_grad():
+        want = softmax(net(x)[0].numpy())
+    np.testing.assert_allclose(cache.probs(row.id), want, atol=4e-3)
+
+
+def test_demo_backend_without_checkpoint_or_train_config(tmp_path):
+    man = make_dataset(tmp_path / "ds", 1, 0, 0)
+    cfg = AnnotateConfig(
+        annotator="demo",
+        model=str(tmp_path / "absent.pt"),
+        demo_train_config=str(tmp_path / "none.toml"),
+    )
+    with pytest.raises(
+        UserError,
+        match=r"demo_train_config = '.*none.toml': file not found; "
+        r"expected the run config that trains the demo",
+    ):
+        build_annotator(cfg, data_manifest.load(man))
+
+
+def test_demo_backend_trains_missing_annotator_in_a_subprocess(tmp_path, monkeypatch):
+    man = make_dataset(tmp_path / "ds", 1, 0, 0)
+    target = tmp_path / "annot" / "best.pt"
+    train_cfg = tmp_path / "demo_annotator.toml"
+    train_cfg.write_text("run_dir = 'x'\n")
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        save_torchscript(target, meta={"classes": CLASSES})
+
+        class P:
+            returncode = 0
+
+        return P()
+
+    monkeypatch.setattr("annotate.annotators.subprocess.run", fake_run)
+    cfg = AnnotateConfig(annotator="demo", model=str(target), demo_train_config=str(train_cfg))
+    ann = build_annotator(cfg, data_manifest.load(man))
+    assert calls[0][1:] == ["-m", "train", "fit", "--config", str(train_cfg)]
+    assert ann.name == "demo" and ann.classes == tuple(CLASSES)
+
+
+# -- SEEM ---------------------------------------------------------------------------------
+
+
+class _LangEncoder:
+    def __init__(self):
+        self.calls = []
+
+    def get_text_embeddings(self, names, is_eval=False):
+        self.calls.append((list(names), is_eval))
+        self.num = len(names)
+
+
+class _StandInSeem(torch.nn.Module):
+    """Obeys SEEM's contract: ``model.evaluate(batched_inputs)`` returns one dict per image
+    with ``sem_seg`` (P, H, W) = Σ_q softmax(class logits)[:-1] · sigmoid(mask logits)."""
+
+    def __init__(self, queries=4):
+        super().__init__()
+        self.lang = _LangEncoder()
+        self.sem_seg_head = type("H", (), {})()
+        self.sem_seg_head.predictor = type("P", (), {})()
+        self.sem_seg_head.predictor.lang_encoder = self.lang
+        self.sem_seg_head.num_classes = 133
+        self.semantic_on, self.panoptic_on, self.instance_on = False, True, True
+        self.task_switch = {"spatial": True, "grounding": True, "visual": False, "audio": False}
+        self.queries = queries
+        self.register_buffer("pixel_mean", torch.zeros(3))
+
+    @staticmethod
+    def raw(image: torch.Tensor, queries: int, slots: int):
+        g = torch.Generator().manual_seed(int(image.float().sum().item()) % 1000)
+        cls = torch.randn(queries, slots, generator=g) * 2
+        w = torch.randn(queries, 3, generator=g)
+        masks = torch.einsum("qc,chw->qhw", w, image.float() / 255 - 0.5) * 4 - 1
+        return cls, masks
+
+    def evaluate(self, batched_inputs):
+        out = []
+        for d in batched_inputs:
+            assert d["image"].dtype == torch.uint8 and d["image"].shape[0] == 3
+            assert d["image"].shape[1:] == (d["height"], d["width"])
+            cls, masks = self.raw(d["image"], self.queries, self.lang.num)
+            sem = torch.einsum("qc,qhw->chw", cls.softmax(-1)[:, :-1], masks.sigmoid())
+            out.append({"sem_seg": sem})
+        return out
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = _StandInSeem()
+
+
+def test_seem_against_its_output_contract(tmp_path):
+    man = make_dataset(tmp_path / "ds", 2, 2, 0)
+    m = data_manifest.load(man)
+    prompts, groups = prompt_groups({"dog": ["dog", "puppy"]}, m.classes)
+    bg = background_prompt(groups, m.classes, m.meta.background_index)
+    w = _Wrapper()
+    ann = SeemAnnotator(w, prompts, groups, bg, "f" * 64)
+    net = w.model
+    assert net.lang.calls == [(["background", "cat", "dog", "puppy", "background"], True)]
+    assert (net.semantic_on, net.panoptic_on, net.instance_on) == (True, False, False)
+    assert net.task_switch == {
+        "spatial": False,
+        "grounding": False,
+        "visual": False,
+        "audio": False,
+    }
+    assert net.sem_seg_head.num_classes == 4
+    cfg = AnnotateConfig(annotator="seem", batch_size=2, device="cpu", topk=0)
+    run_annotation(cfg, m, tmp_path / "c.zarr", annotator=ann)
+    assert len(net.lang.calls) == 2  # embeddings recomputed on the run's device
+    cache = open_cache(tmp_path / "c.zarr")
+    assert cache.meta.normalization == "probs" and cache.meta.annotator == "seem"
+    for row in m.rows:
+        img = torch.from_numpy(m.read_image(row)).permute(2, 0, 1)
+        cls, masks = _StandInSeem.raw(img, 4, 5)
+        sem = torch.einsum("qc,qhw->chw", cls.softmax(-1)[:, :-1], masks.sigmoid()).numpy()
+        sem[0] += np.clip(1 - sem.sum(0), 0, None)  # uncovered pixels -> background
+        p = sem / sem.sum(0, keepdims=True)
+        want = np.stack([p[0], p[1], p[2] + p[3]])  # dog + puppy summed
+        np.testing.assert_allclose(cache.probs(row.id), want, atol=2e-3)
+
+
+def test_seem_missing_gives_install_hint(tmp_path, monkeypatch):
+    man = make_dataset(tmp_path / "ds", 1, 0, 0)
+    for mod in ("modeling", "utils"):
+        monkeypatch.setitem(__import__("sys").modules, mod, None)
+    with pytest.raises(UserError) as exc:
+        build_annotator(AnnotateConfig(annotator="seem"), data_manifest.load(man))
+    assert str(exc.value) == INSTALL_HINT and "seem_root" in INSTALL_HINT
+    with pytest.raises(UserError, match="seem_root = '/nonexistent': folder not found"):
+        build_annotator(
+            AnnotateConfig(annotator="seem", seem_root="/nonexistent"), data_manifest.load(man)
+        )
+
+
+@pytest.mark.seem
+def test_real_seem_model(tmp_path):
+    root, conf, ckpt = (
+        os.environ.get(k, "") for k in ("SEEM_ROOT", "SEEM_CONFIG", "SEEM_CHECKPOINT")
+    )
+    if not (root and Path(conf).is_file() and Path(ckpt).is_file()):
+        pytest.skip("set SEEM_ROOT, SEEM_CONFIG and SEEM_CHECKPOINT to run the real SEEM model")
+    man = make_dataset(tmp_path / "ds", 1, 1, 0, size=(64, 64))
+    cfg = AnnotateConfig(
+        annotator="seem", seem_root=root, seem_config=conf, model=ckpt, batch_size=1, topk=0
+    )
+    run_annotation(cfg, data_manifest.load(man), tmp_path / "c.zarr")
+    cache = open_cache(tmp_path / "c.zarr")
+    p = cache.probs("l00")
+    assert p.shape == (3, 64, 64)
+    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-3)
