@@ -1,0 +1,90 @@
+"""The ``[calibrate]`` section of the run config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MODES = ("pixel", "class", "image")
+METHODS = ("cp", "raw", "threshold")
+BACKGROUND_RULES = ("auto", "prefer_foreground", "most_probable")
+DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Settings of ``python -m calibrate run`` (documented in ``configs/demo.toml``).
+
+    Attributes:
+        alpha: miscoverage level α in (0, 1); the sets cover the true class with prob. ≥ 1 − α.
+        mode: "pixel" (one q̂ over all labeled pixels), "class" (one q̂ per true class) or
+            "image" (one score per labeled image, q̂ over images).
+        score: "lac" (1 − p_y) or "aps" (mass of the classes ranked at or above y).
+        method: which pseudo-labels to write: "cp", "raw" (annotator argmax) or "threshold".
+        background_rule: "auto" (prefer foreground when the manifest names a background class),
+            "prefer_foreground" (requires one) or "most_probable" (rule off).
+        max_set_size: method "cp": pixels whose set holds more classes than this become 255
+            too; 0 = no limit (the paper's rule: only empty sets are dropped). Ours, off by
+            default: with an overconfident annotator q̂ can exceed 1 − 1/K, and then no LAC set
+            is ever empty, so the paper's rule keeps every pixel.
+        threshold: confidence threshold of method "threshold"; unset = keep as many pixels as CP.
+        class_min_pixels: in mode "class", classes with fewer calibration pixels use the pooled
+            pixel-wise q̂; 0 = always the class's own q̂ (1 when its rank exceeds its count).
+        held_out_fraction: fraction of the labeled images held out for the report, in [0, 1).
+        alphas: the α grid of the coverage-against-α plot.
+        scheduler: "threads", "processes" (a LocalCluster), "synchronous", or a scheduler
+            address "tcp://HOST:PORT".
+        workers: threads or worker processes; 0 = one per CPU core.
+        batch: images per Dask task.
+        plots: draw the PNG plots (off saves a few seconds per run in sweeps).
+        overlays: how many unlabeled images the overlay plot shows.
+        cache: the cache to read; unset = ``[annotate] cache``, else ``{run_dir}/cache.zarr``.
+        out_dir: the output folder; unset = ``{run_dir}/pseudo/{method}``.
+    """
+
+    alpha: float = 0.05
+    mode: Literal["pixel", "class", "image"] = "pixel"
+    score: Literal["lac", "aps"] = "lac"
+    method: Literal["cp", "raw", "threshold"] = "cp"
+    background_rule: Literal["auto", "prefer_foreground", "most_probable"] = "auto"
+    threshold: float | None = None
+    max_set_size: int = 0
+    class_min_pixels: int = 100
+    held_out_fraction: float = 0.5
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    scheduler: str = "threads"
+    workers: int = 0
+    batch: int = 8
+    plots: bool = True
+    overlays: int = 4
+    cache: str | None = None
+    out_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"alpha = {self.alpha!r}: expected a number in (0, 1)")
+        for a in self.alphas:
+            if not 0.0 < a < 1.0:
+                raise ValueError(f"alphas = {list(self.alphas)!r}: expected numbers in (0, 1)")
+        if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold = {self.threshold!r}: expected a number in (0, 1]")
+        if self.max_set_size < 0:
+            raise ValueError(f"max_set_size = {self.max_set_size!r}: expected >= 0 (0 = no limit)")
+        if self.class_min_pixels < 0:
+            raise ValueError(f"class_min_pixels = {self.class_min_pixels!r}: expected >= 0")
+        if not 0.0 <= self.held_out_fraction < 1.0:
+            raise ValueError(
+                f"held_out_fraction = {self.held_out_fraction!r}: expected a number in [0, 1)"
+            )
+        if self.workers < 0:
+            raise ValueError(f"workers = {self.workers!r}: expected >= 0 (0 = one per core)")
+        if self.batch < 1:
+            raise ValueError(f"batch = {self.batch!r}: expected >= 1")
+        if self.overlays < 0:
+            raise ValueError(f"overlays = {self.overlays!r}: expected >= 0")
+        s = self.scheduler
+        if s not in ("threads", "processes", "synchronous") and not s.startswith("tcp://"):
+            raise ValueError(
+                f"scheduler = {s!r}: expected 'threads', 'processes', "
+                "'synchronous' or an address 'tcp://HOST:PORT'"
+            )

@@ -1,0 +1,437 @@
+"""The calibration job: checks, the passes over the cache, the pseudo-label PNGs, the report.
+
+Passes (each a Dask map-reduce over batches of images, see :mod:`calibrate.runner`):
+
+1. labeled images: high-bit counts of the calibration scores (or, in image mode, one score per
+   image and α);
+2. labeled images: low-bit counts inside the bins that hold the wanted ranks → exact q̂ for every
+   α of the grid, both from all labeled images ("all") and from the calibration part ("cal");
+3. held-out and val images: report figures;
+4. (method "threshold" without a given threshold) unlabeled images, twice: the confidence
+   threshold that keeps as many pixels as CP;
+5. unlabeled images: the pseudo-label PNGs.
+
+Nothing is written before passes 1-3 have checked every input.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from annotate.cache import Cache, open_cache
+from calibrate import quantile as Q
+from calibrate import report
+from calibrate.config import CalibrateConfig
+from calibrate.runner import Runner, merge
+from calibrate.tasks import (
+    Ctx,
+    Item,
+    calib_high,
+    calib_low,
+    evaluate,
+    unlabeled_counts,
+    write_pseudo,
+)
+from data_manifest.config import section_dict, write_resolved
+from data_manifest.errors import UserError
+from data_manifest.manifest import Manifest
+
+SCHEMA = 1
+
+
+@dataclass
+class Plan:
+    """Which images each pass reads."""
+
+    cal: list[str]
+    held: list[str]
+    val: list[str]
+    unlabeled: list[str]
+    val_note: str = ""
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def check_inputs(manifest: Manifest, cache: Cache, held_out_fraction: float, seed: int) -> Plan:
+    """Check that cache and manifest belong together and that the cache holds every image.
+
+    Raises:
+        UserError: class lists or dataset fingerprints differ, no labeled images, images
+            missing from the cache.
+    """
+    mpath, cpath = manifest.path, cache.path
+    if list(cache.classes) != list(manifest.classes):
+        raise UserError(
+            f"{cpath}: classes = {_short(cache.classes)} but manifest {mpath} has "
+            f"classes = {_short(manifest.classes)}; expected a cache annotated with "
+            "this manifest's class list"
+        )
+    if cache.meta.manifest_fingerprint != manifest.fingerprint:
+        raise UserError(
+            f"{cpath}: manifest_fingerprint = {cache.meta.manifest_fingerprint[:16]!r}"
+            f" but manifest {mpath} has fingerprint {manifest.fingerprint[:16]!r}; "
+            "expected a cache made from this manifest (another dataset or version?)"
+        )
+    present = set(cache.ids)
+    labeled = [r.id for r in manifest.split("labeled")]
+    if not labeled:
+        raise UserError(
+            f"{mpath}: split 'labeled' is empty; expected labeled images to calibrate on"
+        )
+    if not any(i in present for i in labeled):
+        raise UserError(
+            f"{cpath}: no labeled images in the cache; expected the {len(labeled)} "
+            f"labeled images of {mpath} (run `python -m annotate run`)"
+        )
+    unlabeled = [r.id for r in manifest.split("unlabeled")]
+    for split, ids in (("labeled", labeled), ("unlabeled", unlabeled)):
+        miss = [i for i in ids if i not in present]
+        if miss:
+            raise UserError(
+                f"{cpath}: {len(miss)} of {len(ids)} {split} images are missing from "
+                f"the cache (first: {miss[0]!r}); expected every labeled and "
+                "unlabeled image of the manifest (finish `python -m annotate run`)"
+            )
+    unlab_rows = [r for r in manifest.rows if r.split == "labeled" and r.label is None]
+    if unlab_rows:
+        raise UserError(
+            f"{mpath}: labeled image {unlab_rows[0].id!r} has label = null; "
+            "expected a label file for every labeled image"
+        )
+    val_rows = [r for r in manifest.split("val") if r.label is not None]
+    val = [r.id for r in val_rows if r.id in present]
+    note = ""
+    if val and len(val) < len(val_rows):
+        note = (
+            f"val figures skipped: {len(val_rows) - len(val)} of {len(val_rows)} val "
+            "images are not in the cache"
+        )
+        val = []
+    elif not val:
+        note = "val figures skipped: the val split is not in the cache"
+    ids = sorted(labeled)
+    n_held = min(int(np.floor(held_out_fraction * len(ids))), len(ids) - 1)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    held = sorted(ids[i] for i in perm[:n_held])
+    held_set = set(held)
+    cal = [i for i in ids if i not in held_set]
+    return Plan(cal=cal, held=held, val=sorted(val), unlabeled=sorted(unlabeled), val_note=note)
+
+
+def _batches(items: list[Item], size: int) -> list[list[Item]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _run_pass(
+    runner: Runner, fn: Any, items: list[Item], size: int, desc: str, **kwargs: Any
+) -> Any:
+    bs = _batches(items, size)
+    return runner.map_reduce(fn, bs, desc, unit_per_batch=[len(b) for b in bs], **kwargs) or {}
+
+
+def solve_qhats(
+    res1: dict, low: dict, targets_locs: dict, ctx: Ctx, conf: CalibrateConfig, has_held: bool
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """q̂ per subset ("all", "cal"), α of the grid and class from the two passes' counts.
+
+    Returns:
+        ``{subset: float32 (len(grid), K)}`` and ``{subset: {"pooled": float32 (len(grid),),
+        "class": float32 (len(grid), K) or None, "n_class": int64 (K,), "own": bool (K,)}}``.
+    """
+    k, grid = ctx.num_classes, ctx.alphas
+    out, info = {}, {}
+    for subset in ("all", "cal") if has_held else ("all",):
+        roles = ("cal", "held") if subset == "all" else ("cal",)
+        n_class = sum((res1[r]["n_class"] for r in roles if r in res1), np.zeros(k, np.int64))
+        q = np.ones((len(grid), k), np.float32)
+        pooled = np.ones(len(grid), np.float32)
+        own = np.ones(k, bool)
+        cls = None
+        if ctx.mode == "image":
+            scores = [s for r in roles for _, s in res1.get(r, {}).get("img_scores", [])]
+            arr = np.stack(scores) if scores else np.zeros((0, len(grid)), np.float32)
+            for a, alpha in enumerate(grid):
+                pooled[a] = Q.small_quantile(arr[:, a], alpha)
+            q[:] = pooled[:, None]
+        else:
+            for a in range(len(grid)):
+                pooled[a] = _value(low, targets_locs, subset, "pooled", 0, a)
+            q[:] = pooled[:, None]
+            if ctx.mode == "class":
+                cls = np.ones((len(grid), k), np.float32)
+                for a in range(len(grid)):
+                    for c in range(k):
+                        cls[a, c] = _value(low, targets_locs, subset, "class", c, a)
+                own = n_class >= conf.class_min_pixels
+                q = np.where(own[None, :], cls, pooled[:, None]).astype(np.float32)
+        out[subset] = q
+        info[subset] = {"pooled": pooled, "class": cls, "n_class": n_class, "own": own}
+    return out, info
+
+
+def _value(low: dict, locs: dict, subset: str, kind: str, group: int, a: int) -> np.float32:
+    loc, targets = locs[(subset, kind, group, a)], locs[(subset, kind)]
+    if loc is None:
+        return np.float32(1.0)
+    return Q.finish(low.get((subset, kind), Q.Counts.empty()), targets, *loc)
+
+
+def plan_targets(res1: dict, ctx: Ctx, has_held: bool) -> dict:
+    """Locate every wanted rank in the pass-1 counts: ``{(subset, kind, group, a): loc}`` plus
+    ``{(subset, kind): sorted uint64 target bins}``."""
+    locs: dict = {}
+    if ctx.mode == "image":
+        return locs
+    kinds = ("pooled", "class") if ctx.mode == "class" else ("pooled",)
+    for subset in ("all", "cal") if has_held else ("all",):
+        roles = ("cal", "held") if subset == "all" else ("cal",)
+        for kind in kinds:
+            counts = Q.Counts.empty()
+            for r in roles:
+                counts = counts + res1.get(r, {}).get(kind, Q.Counts.empty())
+            groups = range(ctx.num_classes) if kind == "class" else (0,)
+            bins = set()
+            for g in groups:
+                n = Q.group_total(counts, g)
+                for a, alpha in enumerate(ctx.alphas):
+                    loc = Q.locate(counts, g, Q.conformal_rank(n, alpha)) if n else None
+                    locs[(subset, kind, g, a)] = loc
+                    if loc is not None:
+                        bins.add(loc[0])
+            locs[(subset, kind)] = np.array(sorted(bins), dtype=np.uint64)
+    return locs
+
+
+def matched_threshold(
+    runner: Runner, items: list[Item], ctx: Ctx, qhat: np.ndarray, batch: int
+) -> tuple[float, int, int]:
+    """The confidence threshold τ keeping as many unlabeled pixels as CP, exactly.
+
+    τ is the (N − N_cp + 1)-th smallest max-probability over the N unlabeled pixels, so the
+    N_cp most confident pixels have max p ≥ τ (pixels tied at τ are all kept).
+
+    Returns:
+        (τ, N_cp, N).
+    """
+    r1 = _run_pass(
+        runner, unlabeled_counts, items, batch, "threshold 1/2", ctx=ctx, qhat=qhat, targets=None
+    )
+    n_cp, n = r1.get("kept", 0), r1.get("pixels", 0)
+    if n_cp == 0:
+        return float(np.nextafter(np.float32(1.0), np.float32(2.0))), 0, n
+    loc = Q.locate(r1["high"], 0, n - n_cp + 1)
+    targets = np.array([loc[0]], np.uint64)
+    r2 = _run_pass(
+        runner, unlabeled_counts, items, batch, "threshold 2/2", ctx=ctx, qhat=qhat, targets=targets
+    )
+    return float(Q.finish(r2.get("low", Q.Counts.empty()), targets, *loc)), n_cp, n
+
+
+def background_index(manifest: Manifest, conf: CalibrateConfig) -> int | None:
+    """The class the foreground preference applies to, or None when the rule is off."""
+    bg = manifest.meta.background_index
+    if conf.background_rule == "most_probable":
+        return None
+    if conf.background_rule == "prefer_foreground" and bg is None:
+        raise UserError(
+            f"{manifest.path}: meta.background_index is null; background_rule = "
+            "'prefer_foreground' expects a dataset with a background class"
+        )
+    return bg
+
+
+def run(
+    manifest: Manifest,
+    conf: CalibrateConfig,
+    cache_path: Path,
+    out_dir: Path,
+    seed: int,
+    resolved: dict[str, Any],
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Run the whole calibration; returns the content of ``calibration.json``.
+
+    Args:
+        resolved: the resolved run config, written to ``out_dir/config.toml``.
+    """
+    t0 = time.perf_counter()
+    cache = open_cache(cache_path)
+    plan = check_inputs(manifest, cache, conf.held_out_fraction, seed)
+    bg = background_index(manifest, conf)
+    grid = tuple(sorted(set(conf.alphas) | {conf.alpha}))
+    ia = grid.index(conf.alpha)
+    ctx = Ctx(
+        cache=str(cache.path),
+        num_classes=manifest.num_classes,
+        score=conf.score,
+        mode=conf.mode,
+        reduce_zero_label=manifest.meta.reduce_zero_label,
+        background=bg,
+        alphas=grid,
+        main=ia,
+        max_set_size=conf.max_set_size,
+    )
+    label_of = {r.id: str(manifest.label_path(r)) if r.label else None for r in manifest.rows}
+    items_l = [Item(i, label_of[i], "cal") for i in plan.cal] + [
+        Item(i, label_of[i], "held") for i in plan.held
+    ]
+    items_l.sort(key=lambda it: it.id)
+    has_held = bool(plan.held)
+    timings = {}
+    with Runner(conf.scheduler, conf.workers, show_progress) as runner:
+        t = time.perf_counter()
+        res1 = _run_pass(runner, calib_high, items_l, conf.batch, "calibrate 1/2", ctx=ctx)
+        locs = plan_targets(res1, ctx, has_held)
+        targets = {k: v for k, v in locs.items() if len(k) == 2}
+        low = {}
+        if targets:
+            low = _run_pass(
+                runner, calib_low, items_l, conf.batch, "calibrate 2/2", ctx=ctx, targets=targets
+            )
+        qmat, qinfo = solve_qhats(res1, low, locs, ctx, conf, has_held)
+        timings["calibration_s"] = time.perf_counter() - t
+        n_pixels = int(sum(res1[r]["n_class"].sum() for r in ("cal", "held") if r in res1))
+        if n_pixels == 0:
+            raise UserError(
+                f"{manifest.path}: every pixel of the labeled images is 255 "
+                "(ignore); expected labeled pixels to calibrate on"
+            )
+
+        t = time.perf_counter()
+        eval_items = [Item(i, label_of[i], "held") for i in plan.held] + [
+            Item(i, label_of[i], "val") for i in plan.val
+        ]
+        qhats_eval = {"held": qmat.get("cal"), "val": qmat["all"]}
+        ev = _run_pass(
+            runner,
+            evaluate,
+            eval_items,
+            conf.batch,
+            "report",
+            ctx=ctx,
+            qhats={k: v for k, v in qhats_eval.items() if v is not None},
+        )
+        timings["report_s"] = time.perf_counter() - t
+
+        qhat = qmat["all"][ia]
+        u_items = [Item(i, None, "unlabeled") for i in plan.unlabeled]
+        tau, n_cp = None, None
+        if conf.method == "threshold":
+            if conf.threshold is not None:
+                tau = float(conf.threshold)
+            else:
+                tau, n_cp, _ = matched_threshold(runner, u_items, ctx, qhat, conf.batch)
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved(out_dir / "config.toml", resolved)
+        t = time.perf_counter()
+        wr = _run_pass(
+            runner,
+            write_pseudo,
+            u_items,
+            conf.batch,
+            f"write {conf.method}",
+            ctx=ctx,
+            method=conf.method,
+            qhat=qhat,
+            tau=tau,
+            out_dir=str(out_dir),
+            palette=manifest.palette,
+        )
+        timings["write_s"] = time.perf_counter() - t
+        workers = runner.n_workers
+    rows = sorted(wr.get("images", []))
+    figures = {
+        "schema": SCHEMA,
+        "alpha": conf.alpha,
+        "mode": conf.mode,
+        "score": conf.score,
+        "method": conf.method,
+        "background_index": bg,
+        "background_rule": conf.background_rule,
+        "max_set_size": conf.max_set_size,
+        "classes": list(manifest.classes),
+        "qhat": report.qhat_json(qinfo["all"], ia, conf, manifest.classes),
+        "qhat_used_by_pngs": "q̂ from all labeled images",
+        "calibration": {
+            "images": len(plan.cal) + len(plan.held),
+            "pixels": n_pixels,
+            "pixels_per_class": dict(
+                zip(manifest.classes, (int(v) for v in qinfo["all"]["n_class"]), strict=True)
+            ),
+        },
+        "held_out": report.figures(
+            ev.get("held"),
+            grid,
+            ia,
+            manifest.classes,
+            extra={
+                "fraction": conf.held_out_fraction,
+                "seed": seed,
+                "qhat_from": f"the other {len(plan.cal)} labeled images (calibration part)",
+                "qhat": report.qhat_json(qinfo["cal"], ia, conf, manifest.classes)
+                if has_held
+                else None,
+            },
+        ),
+        "val": report.figures(
+            ev.get("val"),
+            grid,
+            ia,
+            manifest.classes,
+            extra={"qhat_from": "all labeled images (the q̂ the PNGs use)"},
+        ),
+        "val_note": plan.val_note,
+        "unlabeled": {
+            "images": len(rows),
+            "pixels": int(sum(r[2] for r in rows)),
+            "kept_pixels": int(sum(r[1] for r in rows)),
+            "kept_fraction": report.ratio(sum(r[1] for r in rows), sum(r[2] for r in rows)),
+            "threshold": tau,
+            "threshold_matched_to_cp_kept_pixels": n_cp,
+        },
+        "cache": {
+            "path": str(cache.path),
+            "annotator": cache.meta.annotator,
+            "model_sha256": cache.meta.model_sha256,
+        },
+        "manifest": {"path": str(manifest.path), "fingerprint": manifest.fingerprint},
+    }
+    report.write_all(out_dir, figures, rows, manifest, cache, conf)
+    timings["total_s"] = time.perf_counter() - t0
+    return {
+        "figures": figures,
+        "rewritten": sum(1 for r in rows if r[3]),
+        "timings": timings,
+        "workers": workers,
+    }
+
+
+def with_defaults(conf: CalibrateConfig, cfg: dict[str, Any], run_dir: Path) -> CalibrateConfig:
+    """Fill in the cache path and output folder from the run config."""
+    cache = conf.cache or cfg.get("annotate", {}).get("cache") or str(run_dir / "cache.zarr")
+    out = conf.out_dir or str(run_dir / "pseudo" / conf.method)
+    return replace(conf, cache=cache, out_dir=out)
+
+
+def resolved_config(
+    cfg: dict[str, Any], conf: CalibrateConfig, run_dir: Path, seed: int, manifest_path: Path
+) -> dict[str, Any]:
+    """The resolved run config written beside the outputs."""
+    return {
+        "run_dir": str(run_dir),
+        "seed": seed,
+        "data": {"manifest": str(manifest_path)},
+        "calibrate": section_dict(conf),
+    }
+
+
+__all__ = ["Plan", "check_inputs", "merge", "run", "with_defaults", "resolved_config"]

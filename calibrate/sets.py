@@ -1,0 +1,138 @@
+"""Nonconformity scores, prediction sets and the pseudo-label rule, for one image at a time.
+
+Scores are float32 in [0, 1]; a class j is in the prediction set of a pixel when its score is at
+most the class's threshold q̂_j. The calibration score of a labeled pixel is the score of its
+true class, computed by the very same function, so "the true class is in the set" and
+"the calibration score is ≤ q̂" are the same event.
+
+- LAC: s_j = 1 − p_j.
+- APS: s_j = the total probability of the classes ranked at or above j when the classes are
+  sorted by decreasing probability (ties broken by class index); the non-randomised APS score.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from data_manifest.manifest import IGNORE_INDEX
+
+Score = Literal["lac", "aps"]
+SCORES = ("lac", "aps")
+
+
+def class_scores(probs: np.ndarray, score: Score) -> np.ndarray:
+    """Scores of every class at every pixel.
+
+    Args:
+        probs: float32 (K, H, W) probabilities.
+    Returns:
+        float32 (K, H, W) in [0, 1].
+    """
+    p = np.asarray(probs, dtype=np.float32)
+    if score == "lac":
+        s = np.float32(1.0) - p
+    elif score == "aps":
+        order = np.argsort(-p, axis=0, kind="stable")
+        cum = np.cumsum(np.take_along_axis(p, order, axis=0), axis=0, dtype=np.float32)
+        s = np.empty_like(p)
+        np.put_along_axis(s, order, cum, axis=0)
+    else:
+        raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
+    return np.clip(s, np.float32(0.0), np.float32(1.0)) + np.float32(0.0)
+
+
+def true_class_scores(probs: np.ndarray, labels: np.ndarray, score: Score) -> np.ndarray:
+    """Calibration scores of the labeled pixels.
+
+    Args:
+        probs: float32 (K, H, W); labels: uint8 (H, W), 255 = ignore.
+    Returns:
+        (scores float32 (n,), classes int64 (n,)) for the n pixels whose label is not 255,
+        in row-major pixel order.
+    """
+    valid = labels != IGNORE_INDEX
+    yy = np.where(valid, labels, 0).astype(np.intp)[None]
+    if score == "lac":
+        p_y = np.take_along_axis(np.asarray(probs, dtype=np.float32), yy, 0)[0][valid]
+        s = np.clip(np.float32(1.0) - p_y, np.float32(0.0), np.float32(1.0)) + np.float32(0.0)
+    else:
+        s = np.take_along_axis(class_scores(probs, score), yy, 0)[0][valid]
+    return s.astype(np.float32, copy=False), labels[valid].astype(np.int64)
+
+
+def prediction_sets(probs: np.ndarray, qhat: np.ndarray, score: Score) -> np.ndarray:
+    """bool (K, H, W): class j is in the set of a pixel when its score is ≤ qhat[j].
+
+    Args:
+        probs: float32 (K, H, W); qhat: float32 (K,) threshold per class.
+    """
+    q = np.asarray(qhat, dtype=np.float32).reshape(-1, 1, 1)
+    if score == "lac":  # the same test as class_scores(...) <= q without the clip: q ∈ [0, 1]
+        return np.float32(1.0) - np.asarray(probs, dtype=np.float32) <= q
+    return class_scores(probs, score) <= q
+
+
+def argmax0(
+    a: np.ndarray, mask: np.ndarray | None = None, skip: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Index and value of the maximum over axis 0, the lowest index winning ties.
+
+    A loop over the K classes of whole-image operations: much faster than ``a.argmax(axis=0)``
+    on a (K, H, W) array, whose reduction runs across the slow axis.
+
+    Args:
+        a: float32 (K, H, W) with values ≥ 0; mask: bool (K, H, W), classes allowed per pixel
+            (None: all); skip: a class left out (None: none).
+    Returns:
+        (uint8 (H, W) index, float32 (H, W) value); value −1 where no class is allowed.
+    """
+    idx = np.zeros(a.shape[1:], np.uint8)
+    best = np.full(a.shape[1:], -1.0, np.float32)
+    for k in range(a.shape[0]):
+        if k == skip:
+            continue
+        upd = a[k] > best
+        if mask is not None:
+            upd &= mask[k]
+        best = np.where(upd, a[k], best)
+        idx = np.where(upd, np.uint8(k), idx)
+    return idx, best
+
+
+def pseudo_label(
+    probs: np.ndarray, sets: np.ndarray, background: int | None, max_set_size: int = 0
+) -> np.ndarray:
+    """The pseudo-label of every pixel from its prediction set.
+
+    Empty set → 255. Otherwise the most probable class in the set; when ``background`` is a
+    class index and the set holds background together with another class, the most probable
+    non-background class in the set wins (the paper's foreground preference). Ties go to the
+    lower class index. With ``max_set_size`` > 0, sets larger than that are also 255 (our
+    option, not the paper's: a large set says the annotator is unsure there).
+
+    Args:
+        probs: float32 (K, H, W); sets: bool (K, H, W); background: class index or None (rule
+            off); max_set_size: largest set kept, 0 = no limit.
+    Returns:
+        uint8 (H, W).
+    """
+    idx, val = argmax0(probs, sets, skip=background)
+    out = np.where(val >= 0, idx, np.uint8(IGNORE_INDEX))
+    if background is not None:
+        out = np.where((val < 0) & sets[background], np.uint8(background), out)
+    if max_set_size > 0:
+        out = np.where(np.count_nonzero(sets, axis=0) > max_set_size, np.uint8(IGNORE_INDEX), out)
+    return out.astype(np.uint8, copy=False)
+
+
+def threshold_label(probs: np.ndarray, tau: float) -> np.ndarray:
+    """The confidence-threshold baseline: argmax where max p ≥ tau, else 255. uint8 (H, W)."""
+    idx, best = argmax0(probs)
+    return np.where(best >= np.float32(tau), idx, IGNORE_INDEX).astype(np.uint8)
+
+
+def raw_label(probs: np.ndarray) -> np.ndarray:
+    """The annotator's argmax, no filtering. uint8 (H, W)."""
+    return argmax0(probs)[0]
