@@ -1,0 +1,184 @@
+"""Input pipeline, label checks, schedules and metrics of the train package."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from _train_fixtures import PALETTE, make_dataset
+
+from data_manifest.errors import UserError
+from data_manifest.io import encode_label_png
+from data_manifest.manifest import load
+from train.config import TrainConfig
+from train.data import (
+    STREAM_UNLABELED,
+    Augment,
+    SegDataset,
+    StreamSampler,
+    check_labels,
+    make_joint_loader,
+)
+from train.engine import cutmix, lambda_at, make_plan, masked_ce, poly_factor
+from train.metrics import confusion, iou_per_class, summarize
+
+
+def test_sampler_positions_do_not_depend_on_world_size():
+    one = list(StreamSampler(10, 2, seed=1, stream=0, start=0, stop=6))
+    r0 = list(StreamSampler(10, 1, seed=1, stream=0, start=0, stop=6, rank=0, world=2))
+    r1 = list(StreamSampler(10, 1, seed=1, stream=0, start=0, stop=6, rank=1, world=2))
+    assert [b[0] for b in one] == [a[0] for a in r0]
+    assert [b[1] for b in one] == [a[0] for a in r1]
+    positions = [p for b in one for _, p in b]
+    assert positions == list(range(12))
+    # each epoch of 10 positions visits every index once
+    first_epoch = sorted(i for b in one for i, p in b if p < 10)
+    assert first_epoch == list(range(10))
+    # a sampler started at iteration 3 continues the same sequence
+    assert list(StreamSampler(10, 2, seed=1, stream=0, start=3, stop=6)) == one[3:]
+
+
+def test_accumulation_steps_take_consecutive_positions():
+    s = list(StreamSampler(7, 2, seed=0, stream=1, start=1, stop=2, accum=3))
+    assert [[p for _, p in b] for b in s] == [[6, 7], [8, 9], [10, 11]]
+
+
+def test_augmentation_is_a_function_of_position(tmp_path):
+    path = make_dataset(tmp_path / "ds", pseudo_dir=tmp_path / "pseudo")
+    m = load(path)
+    ds = SegDataset(
+        m,
+        m.split("unlabeled"),
+        "pseudo",
+        Augment(24, 0.5, 2.0, strong=True),
+        seed=5,
+        stream=STREAM_UNLABELED,
+        pseudo_dir=tmp_path / "pseudo",
+    )
+    a, b, c = ds[(2, 17)], ds[(2, 17)], ds[(2, 18)]
+    for key in ("image", "label", "strong"):
+        assert torch.equal(a[key], b[key])
+    assert a["image"].shape == (3, 24, 24) and a["image"].dtype == torch.uint8
+    assert a["label"].dtype == torch.int64
+    assert not torch.equal(a["image"], c["image"])
+    assert set(torch.unique(a["label"]).tolist()) <= {0, 1, 2, 255}
+    # workers or not, the loader yields the same batches
+    kw = dict(batch=2, start=1, stop=3, accum=1, rank=0, world=1)
+    b0 = list(make_joint_loader([ds], workers=0, **kw))
+    b1 = list(make_joint_loader([ds], workers=1, **kw))
+    for x, y in zip(b0, b1, strict=True):
+        assert torch.equal(x[0]["image"], y[0]["image"])
+        assert torch.equal(x[0]["label"], y[0]["label"])
+
+
+def test_unlabeled_source_marks_padding_as_ignored(tmp_path):
+    m = load(make_dataset(tmp_path / "ds"))
+    ds = SegDataset(m, m.split("unlabeled"), "none", Augment(64, 1.0, 1.0), 0, 1)
+    item = ds[(0, 0)]
+    lab = item["label"].numpy()
+    assert (lab[:32, :32] == 0).all() and (lab[32:] == 255).all() and (lab[:, 32:] == 255).all()
+    assert (item["image"][:, 32:].numpy() == 0).all()
+
+
+def test_check_labels_reports_each_bad_input(tmp_path):
+    pseudo = tmp_path / "pseudo"
+    m = load(make_dataset(tmp_path / "ds", pseudo_dir=pseudo))
+    unl = m.split("unlabeled")
+    check_labels(m, unl, pseudo)
+    check_labels(m, m.split("labeled"), None)
+    (pseudo / "unlabeled_002.png").unlink()
+    with pytest.raises(
+        UserError,
+        match=r"unlabeled_002\.png: pseudo-label for unlabeled image "
+        r"'unlabeled_002' not found",
+    ):
+        check_labels(m, unl, pseudo)
+    (pseudo / "unlabeled_002.png").write_bytes(
+        encode_label_png(np.zeros((20, 32), np.uint8), PALETTE)
+    )
+    with pytest.raises(
+        UserError,
+        match=r"unlabeled_002\.png: pseudo-label is 32x20 px; "
+        r"expected 32x32 like image 'unlabeled_002'",
+    ):
+        check_labels(m, unl, pseudo, read_values=False)
+    lab = np.zeros((32, 32), np.uint8)
+    lab[3, 4] = 9
+    (pseudo / "unlabeled_002.png").write_bytes(encode_label_png(lab, PALETTE))
+    with pytest.raises(
+        UserError,
+        match=r"pseudo-label value 9 is out of range; expected class "
+        r"ids 0-2 or 255",
+    ):
+        check_labels(m, unl, pseudo)
+    gt = m.label_path(m.split("labeled")[1])
+    gt.write_bytes(encode_label_png(lab, PALETTE))
+    with pytest.raises(UserError, match=r"labeled_001\.png: label value 9 is out of range"):
+        check_labels(m, m.split("labeled"), None)
+
+
+def test_lambda_schedule_and_poly():
+    assert lambda_at(0.0, 0.5, 3.0) == 0.5
+    assert lambda_at(1.0, 0.5, 3.0) == pytest.approx(0.5 * math.exp(-3.0))
+    values = [lambda_at(t / 10, 0.8, 2.0) for t in range(11)]
+    ratios = np.array(values[1:]) / np.array(values[:-1])
+    np.testing.assert_allclose(ratios, math.exp(-0.2))  # exponential: constant ratio
+    assert lambda_at(0.7, 0.3, 0.0) == 0.3
+    assert poly_factor(0, 100, 0.9) == 1.0
+    assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
+
+
+def test_plan_counts_epochs_over_the_unlabeled_split():
+    cfg = TrainConfig(batch_size=4, accum_steps=2, stage1_length=3, stage2_length=2)
+    plan = make_plan(cfg, n_labeled=5, n_unlabeled=33, world=2)
+    assert plan.iters_per_epoch == math.ceil(33 / 16)
+    assert (plan.stage1_iters, plan.stage2_iters) == (9, 6)
+    off = make_plan(TrainConfig(stage1_length=3, stage2=False, length_unit="iters"), 5, 33)
+    assert (off.stage1_iters, off.stage2_iters) == (3, 0)
+    lo = make_plan(
+        TrainConfig(stage1_length=3, stage2_length=2, length_unit="iters", labeled_only=True), 5, 33
+    )
+    assert (lo.stage1_iters, lo.stage2_iters) == (5, 0)
+
+
+def test_masked_ce_ignores_255_and_weights():
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 0] = 255
+    keep = target != 255
+    ref = -torch.log_softmax(logits, 1).gather(1, target.clamp(max=2)[:, None])[:, 0]
+    torch.testing.assert_close(masked_ce(logits, target), ref[keep].mean())
+    w = torch.rand(2, 4, 5)
+    torch.testing.assert_close(masked_ce(logits, target, w), (ref * w)[keep].sum() / keep.sum())
+    assert masked_ce(logits, torch.full_like(target, 255)).item() == 0.0
+
+
+def test_cutmix_pastes_boxes_from_the_next_sample():
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16)
+    target = torch.arange(4).view(4, 1, 1).expand(4, 16, 16)
+    weight = torch.ones(4, 16, 16)
+    out, tgt, _ = cutmix(images, target, weight, 1.0, torch.Generator().manual_seed(0))
+    for i in range(4):
+        src = (i - 1) % 4
+        pasted = tgt[i] == src
+        assert 0 < pasted.sum() < 256
+        assert torch.equal(out[i, 0] == src, pasted)  # images and targets mixed alike
+        assert set(tgt[i].unique().tolist()) == {i, src}
+    same, _, _ = cutmix(images, target, weight, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(same, images)
+
+
+def test_confusion_and_iou_against_hand_counts():
+    target = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 2]])
+    conf = confusion(pred, target, 4)
+    assert conf[0, 0] == 1 and conf[0, 1] == 1 and conf[1, 1] == 2 and conf[1, 2] == 1
+    assert conf[2, 2] == 1 and conf[2, 0] == 1 and conf.sum() == 7
+    iou = iou_per_class(conf)
+    np.testing.assert_allclose(iou[:3], [1 / 3, 2 / 4, 1 / 3])
+    assert np.isnan(iou[3])  # absent class: not counted
+    s = summarize(conf, ["a", "b", "c", "d"])
+    assert s["miou"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
+    assert s["acc"] == pytest.approx(4 / 7) and s["iou"]["d"] is None

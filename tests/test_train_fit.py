@@ -1,0 +1,491 @@
+"""Training runs end to end: optimisation, Stage I → II, baselines, CLI, bad input, resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _train_fixtures import CLASSES, PALETTE, SUBPROCESS_ENV, TINY_MODEL, make_dataset, write_config
+from typer.testing import CliRunner
+
+from data_manifest.io import encode_label_png, read_label_png
+from data_manifest.manifest import load
+from train import data as tdata
+from train.cli import app
+from train.config import TrainConfig
+from train.engine import _step_loss, lambda_at
+from train.inference import load_checkpoint_model
+from train.models import build_model
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fit(cfg: Path, manifest: Path, *args: str):
+    result = runner.invoke(
+        app, ["fit", "--config", str(cfg), "--manifest", str(manifest), "--quiet", *args]
+    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    manifest = make_dataset(base / "ds", pseudo_dir=base / "run" / "pseudo" / "cp")
+    return base, manifest
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny):
+    """One run: 3 Stage I + 2 Stage II iterations; records the datasets each stage built."""
+    base, manifest = tiny
+    cfg = write_config(
+        base / "run.toml", base / "run", stage1_length=3, stage2_length=2, eval_every=5
+    )
+    sources = []
+    original = tdata.SegDataset.__init__
+
+    def spy(self, manifest, rows, source, *a, **k):
+        sources.append((source, len(rows)))
+        original(self, manifest, rows, source, *a, **k)
+
+    tdata.SegDataset.__init__ = spy
+    try:
+        result = _fit(cfg, manifest)
+    finally:
+        tdata.SegDataset.__init__ = original
+    assert result.exit_code == 0, result.output
+    return base / "run" / "train", sources, result.output
+
+
+def test_a_few_real_steps_reduce_the_loss(tiny):
+    base, manifest_path = tiny
+    m = load(manifest_path)
+    cfg = TrainConfig(arch="deeplabv3plus_effl0", crop=32, batch_size=2, lr=0.01)
+    weak = tdata.Augment(32, 0.75, 1.25)
+    streams = [
+        tdata.SegDataset(m, m.split("labeled"), "gt", weak, 0, 0),
+        tdata.SegDataset(
+            m, m.split("unlabeled"), "pseudo", weak, 0, 1, base / "run" / "pseudo" / "cp"
+        ),
+    ]
+    lb, ub = next(iter(tdata.make_joint_loader(streams, 2, 0, 1, 1, 0, 1, 0)))
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus_effl0", 3, pretrained=False, **TINY_MODEL).train()
+    opt = torch.optim.SGD(
+        [
+            {"params": model.backbone_parameters(), "lr": 0.01},
+            {"params": model.head_parameters(), "lr": 0.1},
+        ],
+        momentum=0.9,
+    )
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss, l_s, l_u = _step_loss(
+            1,
+            model,
+            model,
+            lb,
+            ub,
+            cfg,
+            0.0,
+            torch.device("cpu"),
+            (0.5,) * 3,
+            (0.5,) * 3,
+            torch.contiguous_format,
+            torch.autocast("cpu", enabled=False),
+            torch.Generator(),
+        )
+        torch.testing.assert_close(loss, l_s + l_u)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_stage_one_then_two(fitted):
+    out, sources, output = fitted
+    recs = _metrics(out)
+    train = [r for r in recs if r["type"] == "train"]
+    assert [r["stage"] for r in train] == [1, 1, 1, 2, 2]
+    assert [r["iter"] for r in train] == [1, 2, 3, 4, 5]
+    # Stage I reads GT + pseudo PNGs, Stage II GT + unlabeled images without PNGs
+    assert sources == [("gt", 4), ("pseudo", 6), ("gt", 4), ("none", 6)]
+    assert [r["lambda"] for r in train] == [
+        0.0,
+        0.0,
+        0.0,
+        lambda_at(0.0, 0.5, 3.0),
+        lambda_at(0.5, 0.5, 3.0),
+    ]
+    for r in train:
+        lam = r["lambda"]
+        expected = (
+            r["loss_s"] + r["loss_u"]
+            if r["stage"] == 1
+            else (1 - lam) * r["loss_s"] + lam * r["loss_u"]
+        )
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert r["loss_u"] > 0
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert [e["iter"] for e in evals] == [3, 5]  # end of each stage
+    for name in ("config.toml", "latest.pt", "best.pt", "loss.png", "miou.png", "final.json"):
+        assert (out / name).is_file(), name
+    final = json.loads((out / "final.json").read_text())
+    assert final["miou"] == evals[-1]["miou"] and final["classes"] == CLASSES
+    assert [final["iou"][c] for c in CLASSES] == evals[-1]["iou"]
+    assert final["iterations"] == 5 and (final["stage1_iters"], final["stage2_iters"]) == (3, 2)
+    assert "final per-class IoU" in output and "background" in output
+    model, info = load_checkpoint_model(out / "best.pt")
+    assert info["classes"] == CLASSES and info["iteration"] == final["best_iter"]
+    assert info["miou"] == final["best_miou"]
+    resolved = (out / "config.toml").read_text()
+    assert "stage1_length = 3" in resolved and "seed = 3" in resolved
+
+
+def test_rerun_of_a_finished_run_changes_nothing(fitted, tiny):
+    out, _, _ = fitted
+    base, manifest = tiny
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"}
+    result = _fit(base / "run.toml", manifest)
+    assert result.exit_code == 0, result.output
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"}
+    assert after == before
+
+
+def test_no_stage2_and_labeled_only(tiny, tmp_path):
+    base, manifest = tiny
+    cfg = write_config(
+        tmp_path / "c.toml", tmp_path / "run", stage1_length=2, stage2_length=2, eval_every=10
+    )
+    r = _fit(
+        cfg,
+        manifest,
+        "--no-stage2",
+        "--pseudo-dir",
+        str(base / "run" / "pseudo" / "cp"),
+        "--out",
+        str(tmp_path / "s1"),
+    )
+    assert r.exit_code == 0, r.output
+    assert [x["stage"] for x in _metrics(tmp_path / "s1") if x["type"] == "train"] == [1, 1]
+    # the baseline needs no pseudo-labels at all, and trains S1 + S2 supervised iterations
+    r = _fit(cfg, manifest, "--labeled-only", "--out", str(tmp_path / "lo"))
+    assert r.exit_code == 0, r.output
+    train = [x for x in _metrics(tmp_path / "lo") if x["type"] == "train"]
+    assert len(train) == 4 and all(x["loss_u"] == 0 and x["loss"] == x["loss_s"] for x in train)
+    # Stage II alone reads no PNG either
+    cfg2 = write_config(
+        tmp_path / "c2.toml",
+        tmp_path / "run2",
+        stage1_length=0,
+        stage2_length=2,
+        stage2_mode="weak_strong",
+        stage2_threshold=0.5,
+    )
+    r = _fit(cfg2, manifest)
+    assert r.exit_code == 0, r.output
+    assert [x["stage"] for x in _metrics(tmp_path / "run2" / "train") if x["type"] == "train"] == [
+        2,
+        2,
+    ]
+
+
+def test_bad_inputs_give_one_line(tiny, tmp_path):
+    base, manifest = tiny
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "run", lr_mult=3.0)
+    r = _fit(cfg, manifest)
+    assert r.exit_code == 1
+    assert "c.toml: [train] unknown key 'lr_mult'; expected one of" in r.output
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "run", lambda0=1.5)
+    r = _fit(cfg, manifest)
+    assert r.exit_code == 1 and "[train] lambda0 = 1.5: expected a number in [0, 1]" in r.output
+    # missing pseudo-labels (this run's default pseudo_dir is empty)
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "run")
+    r = _fit(cfg, manifest)
+    assert r.exit_code == 1
+    assert "pseudo-label for unlabeled image 'unlabeled_000' not found" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    # mismatched pseudo-label size
+    pdir = tmp_path / "pseudo"
+    for row in load(manifest).split("unlabeled"):
+        pdir.mkdir(exist_ok=True)
+        (pdir / f"{row.id}.png").write_bytes(
+            encode_label_png(np.zeros((32, 31), np.uint8), PALETTE)
+        )
+    r = _fit(cfg, manifest, "--pseudo-dir", str(pdir))
+    assert r.exit_code == 1
+    assert "unlabeled_000.png: pseudo-label is 31x32 px; expected 32x32" in r.output
+
+
+def test_resume_refuses_a_changed_config(fitted, tiny, tmp_path):
+    out, _, _ = fitted
+    base, manifest = tiny
+    cfg = write_config(
+        tmp_path / "c.toml", base / "run", stage1_length=3, stage2_length=2, eval_every=5, lr=0.02
+    )
+    r = _fit(cfg, manifest, "--out", str(out))
+    assert r.exit_code == 1
+    assert "latest.pt: [train] lr = 0.01 in the run being resumed but 0.02 now" in r.output
+
+
+def test_evaluate_predict_export_splits(fitted, tiny, tmp_path):
+    out, _, _ = fitted
+    base, manifest = tiny
+    final = json.loads((out / "final.json").read_text())
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(out / "latest.pt"),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(tmp_path / "ev.json"),
+            "--mode",
+            "sliding",
+            "--crop",
+            "64",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["miou"] == pytest.approx(final["miou"], abs=1e-12)  # 32 px images fit one window
+    r = runner.invoke(
+        app,
+        [
+            "predict",
+            "--checkpoint",
+            str(out / "latest.pt"),
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(tmp_path / "pred"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    m = load(manifest)
+    model, info = load_checkpoint_model(out / "latest.pt")
+    for row in m.split("val"):
+        pred = read_label_png(tmp_path / "pred" / f"{row.id}.png")
+        x = torch.from_numpy(m.read_image(row)).permute(2, 0, 1)[None].float() / 255
+        x = (x - 0.5) / 0.5
+        with torch.no_grad():
+            ref = model(x).argmax(1)[0].numpy()
+        assert np.array_equal(pred, ref)
+    r = runner.invoke(
+        app,
+        [
+            "export-splits",
+            "--manifest",
+            str(manifest),
+            "--pseudo-dir",
+            str(base / "run" / "pseudo" / "cp"),
+            "--out",
+            str(tmp_path / "sp"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    lab = (tmp_path / "sp" / "labeled.txt").read_text().splitlines()
+    assert lab[0] == "JPEGImages/labeled_000.png SegmentationClass/labeled_000.png"
+    unl = (tmp_path / "sp" / "unlabeled.txt").read_text().splitlines()
+    assert len(unl) == 6
+    img, png = unl[0].split(" ")
+    assert img == "JPEGImages/unlabeled_000.png"
+    assert os.path.join(str(m.root), png) == str(
+        base / "run" / "pseudo" / "cp" / "unlabeled_000.png"
+    )
+    both = (tmp_path / "sp" / "labeled_plus_pseudo.txt").read_text().splitlines()
+    assert both == lab + unl
+    # a checkpoint for other classes is refused
+    other = tmp_path / "other.pt"
+    ck = torch.load(out / "latest.pt", weights_only=True)
+    ck["info"]["classes"] = ["x", "y", "z"]
+    torch.save(ck, other)
+    r = runner.invoke(app, ["evaluate", "--checkpoint", str(other), "--manifest", str(manifest)])
+    assert r.exit_code == 1
+    assert "other.pt: classes = ['x', 'y', 'z'] (3); expected the manifest's" in r.output
+
+
+def _cmd(cfg: Path, manifest: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "train",
+        "fit",
+        "--config",
+        str(cfg),
+        "--manifest",
+        str(manifest),
+        "--quiet",
+        *args,
+    ]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny, tmp_path):
+    _, manifest = tiny
+    base = tiny[0]
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        stage1_length=6,
+        stage2_length=6,
+        eval_every=4,
+        save_every=2,
+        stage2_mode="weak_strong",
+        workers=1,
+    )
+    env = {**os.environ, **SUBPROCESS_ENV}
+    subprocess.run(
+        _cmd(cfg, manifest, "--out", str(tmp_path / "a")),
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    proc = subprocess.Popen(
+        _cmd(cfg, manifest, "--out", str(tmp_path / "b")),
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert killed_at < len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+    subprocess.run(
+        _cmd(cfg, manifest, "--out", str(tmp_path / "b")),
+        check=True,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    for name in ("metrics.jsonl", "final.json", "best.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    a = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "latest.pt", weights_only=True)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    sa, sb = a["train_state"], b["train_state"]
+    assert sa["config"].pop("out") != sb["config"].pop("out")
+    assert {k: v for k, v in sa.items() if k != "optimizer"} == {
+        k: v for k, v in sb.items() if k != "optimizer"
+    }
+    for key, state in sa["optimizer"]["state"].items():
+        assert torch.equal(
+            state["momentum_buffer"], sb["optimizer"]["state"][key]["momentum_buffer"]
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
+    base, manifest = tiny
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        stage1_length=2,
+        stage2_length=2,
+        eval_every=4,
+        batch_size=1,
+        accum_steps=2,
+    )
+    env = {**os.environ, **SUBPROCESS_ENV}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "train",
+        "fit",
+        "--config",
+        str(cfg),
+        "--manifest",
+        str(manifest),
+        "--quiet",
+        "--out",
+        str(tmp_path / "ddp"),
+    ]
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _metrics(tmp_path / "ddp")
+    train = [x for x in recs if x["type"] == "train"]
+    assert [x["stage"] for x in train] == [1, 1, 2, 2]
+    assert all(np.isfinite(x["loss"]) for x in train)
+    # rank 0 writes each record once; evaluations at the end of each stage
+    assert [x["iter"] for x in recs if x["type"] == "eval"] == [2, 4]
+    state = torch.load(tmp_path / "ddp" / "latest.pt", weights_only=True)["train_state"]
+    assert state["world_size"] == 2 and state["iteration"] == 4
+    final = json.loads((tmp_path / "ddp" / "final.json").read_text())
+    assert final["iterations"] == 4
+
+
+def test_resume_refuses_changed_pseudo_labels(tiny, tmp_path):
+    base, manifest = tiny
+    pdir = tmp_path / "pseudo"
+    make_dataset(tmp_path / "ds", pseudo_dir=pdir)  # same images, so the same PNGs
+    (pdir / "calibration.json").write_text('{"alpha": 0.05}\n')
+    cfg = write_config(tmp_path / "c.toml", tmp_path / "run", stage1_length=1, stage2=False)
+    assert _fit(cfg, manifest, "--pseudo-dir", str(pdir)).exit_code == 0
+    (pdir / "calibration.json").write_text('{"alpha": 0.1}\n')
+    r = _fit(cfg, manifest, "--pseudo-dir", str(pdir))
+    assert r.exit_code == 1
+    assert "calibration.json: the pseudo-labels changed since the run in" in r.output
+    r = _fit(cfg, manifest, "--pseudo-dir", str(pdir), "--restart")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path):
+    base, manifest = tiny
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        stage1_length=2,
+        stage2_length=2,
+        stage2_mode="weak_strong",
+        device="cuda",
+        workers=1,
+    )
+    r = _fit(cfg, manifest, "--out", str(tmp_path / "gpu"))
+    assert r.exit_code == 0, r.output
+    train = [x for x in _metrics(tmp_path / "gpu") if x["type"] == "train"]
+    assert len(train) == 4 and all(np.isfinite(x["loss"]) for x in train)
+    model, _ = load_checkpoint_model(tmp_path / "gpu" / "best.pt", map_location="cuda")
+    assert next(model.parameters()).is_cuda

@@ -1,0 +1,6 @@
+"""A standalone semi-supervised segmentation trainer: labeled images + filtered pseudo-labels
+(Stage I), then the model's own predictions (Stage II, self-reliance).
+
+Reads a manifest and pseudo-label PNGs only. ``python -m train --help`` lists the commands;
+:func:`train.inference.load_checkpoint_model` turns a checkpoint into a ready model.
+"""

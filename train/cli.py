@@ -1,0 +1,269 @@
+"""``python -m train``: fit, evaluate, predict, export-splits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from data_manifest.cli_support import console, handle_errors, make_app, progress, rate_text
+from data_manifest.config import load_config, parse_section, run_dir, section_dict
+from data_manifest.errors import UserError
+from data_manifest.manifest import Manifest, load
+from train.config import TrainConfig
+
+app = make_app(
+    "train",
+    "Train a segmentation model on labeled images and filtered "
+    "pseudo-labels (Stage I), then on its own predictions (Stage II).",
+)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Run config (TOML).")]
+ManifestOpt = Annotated[
+    Path | None,
+    typer.Option("--manifest", help="Manifest to use instead of the one [data] describes."),
+]
+
+
+def _manifest(cfg: dict[str, Any], override: Path | None) -> Manifest:
+    """The run's manifest: ``--manifest``, else what ``[data]`` describes (demo generated if
+    configured and absent)."""
+    from data_manifest import resolve_manifest
+
+    return load(resolve_manifest(cfg, None if override is None else str(override), quiet=False))
+
+
+def _seed(cfg: dict[str, Any], override: int | None) -> int:
+    return override if override is not None else int(cfg.get("seed", 0))
+
+
+@app.command()
+@handle_errors
+def fit(
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    out: Annotated[
+        str | None, typer.Option(help="Run folder (default: [train] out, else {run_dir}/train).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the config's seed).")] = None,
+    pseudo_dir: Annotated[
+        str | None, typer.Option(help="Pseudo-label PNG folder (default: {run_dir}/pseudo/cp).")
+    ] = None,
+    stage2: Annotated[
+        bool | None,
+        typer.Option("--stage2/--no-stage2", help="Run Stage II (self-reliance) after Stage I."),
+    ] = None,
+    labeled_only: Annotated[
+        bool | None,
+        typer.Option(
+            "--labeled-only/--semi-supervised",
+            help="Train on the labeled split only (the baseline), same schedule.",
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--restart",
+            help="Continue from latest.pt in the run folder (default), or start again.",
+        ),
+    ] = True,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train (Stage I, then Stage II) and evaluate on the val split.
+
+    Writes to the run folder: config.toml, metrics.jsonl, latest.pt, best.pt, loss.png,
+    miou.png and final.json. Under torchrun every process runs this command (DDP).
+    """
+    cfg = load_config(config)
+    tcfg = parse_section(
+        cfg,
+        "train",
+        TrainConfig,
+        overrides={
+            "out": out,
+            "pseudo_dir": pseudo_dir,
+            "stage2": stage2,
+            "labeled_only": labeled_only,
+            "device": device,
+            "workers": workers,
+        },
+    )
+    rd = run_dir(cfg)
+    seed_value = _seed(cfg, seed)
+    m = _manifest(cfg, manifest)
+    out_dir = Path(tcfg.out) if tcfg.out else rd / "train"
+    pdir = Path(tcfg.pseudo_dir) if tcfg.pseudo_dir else rd / "pseudo" / "cp"
+    data = dict(cfg.get("data", {}))
+    if manifest is not None:
+        data["manifest"] = str(manifest)
+    resolved = {
+        "run_dir": str(rd),
+        "seed": seed_value,
+        "data": data,
+        "train": {**section_dict(tcfg), "out": str(out_dir), "pseudo_dir": str(pdir)},
+    }
+    from train.engine import fit as run_fit
+
+    run_fit(
+        tcfg,
+        manifest=m,
+        out=out_dir,
+        pseudo_dir=pdir,
+        seed=seed_value,
+        resume=resume,
+        resolved=resolved,
+        show_progress=not quiet,
+    )
+    if not quiet and os.environ.get("RANK", "0") == "0":
+        console.print(
+            f"[bold]results:[/] {out_dir}/ (final.json: per-class IoU; best.pt, latest.pt; "
+            f"loss.png, miou.png; metrics.jsonl)"
+        )
+        if not tcfg.labeled_only:
+            console.print(
+                f"[bold]pseudo-labels:[/] {pdir}/ (calibration.json and plots/ from calibrate)"
+            )
+
+
+def _load_for_split(checkpoint: Path, m: Manifest, device: str) -> tuple[Any, dict]:
+    import torch
+
+    from train.inference import load_checkpoint_model
+
+    dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    model, info = load_checkpoint_model(checkpoint, map_location=dev)
+    if list(info["classes"]) != list(m.classes):
+        raise UserError(
+            f"{checkpoint}: classes = {info['classes']} ({len(info['classes'])}); "
+            f"expected the manifest's {m.classes} ({m.num_classes})"
+        )
+    return model, info
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint (best.pt or latest.pt).")],
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    split: Annotated[str, typer.Option(help="Split with labels to evaluate on.")] = "val",
+    mode: Annotated[str, typer.Option(help="whole or sliding.")] = "whole",
+    crop: Annotated[int, typer.Option(help="Sliding-window size in px.")] = 512,
+    stride: Annotated[int, typer.Option(help="Sliding-window stride in px.")] = 341,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Write the figures to this JSON file.")] = None,
+) -> None:
+    """mIoU and per-class IoU of a checkpoint on a labeled split."""
+    import torch
+
+    from data_manifest.io import atomic_write_json
+    from train.engine import evaluate_rows, print_iou_table
+    from train.metrics import summarize
+
+    if mode not in ("whole", "sliding"):
+        raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
+    cfg = load_config(config)
+    m = _manifest(cfg, manifest)
+    model, info = _load_for_split(checkpoint, m, device)
+    rows = m.split(split)
+    if not rows or any(r.label is None for r in rows):
+        problem = "no images" if not rows else "images without labels"
+        raise UserError(
+            f"{m.path}: split {split!r} has {problem}; expected a labeled split such as 'val'"
+        )
+    dev = next(model.parameters()).device
+    conf = evaluate_rows(
+        model, m, rows, info["mean"], info["std"], mode, crop, stride, torch.device(dev)
+    )
+    summary = summarize(conf, m.classes)
+    print_iou_table(f"{checkpoint} on {split} ({len(rows)} images, {mode})", summary)
+    if out is not None:
+        atomic_write_json(
+            out, {"checkpoint": str(checkpoint), "split": split, "mode": mode, **summary}
+        )
+
+
+@app.command()
+@handle_errors
+def predict(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint (best.pt or latest.pt).")],
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    split: Annotated[str, typer.Option(help="Split to predict.")] = "val",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: {run_dir}/predict/<split>).")
+    ] = None,
+    mode: Annotated[str, typer.Option(help="whole or sliding.")] = "whole",
+    crop: Annotated[int, typer.Option(help="Sliding-window size in px.")] = 512,
+    stride: Annotated[int, typer.Option(help="Sliding-window stride in px.")] = 341,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    limit: Annotated[int, typer.Option(help="Predict only the first N images (0 = all).")] = 0,
+) -> None:
+    """Colourised predictions: one palette PNG per image (dataset palette), <out>/<id>.png."""
+    import time
+
+    import torch
+
+    from data_manifest.io import write_label_png
+    from train.inference import normalize, predict_logits
+
+    if mode not in ("whole", "sliding"):
+        raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
+    cfg = load_config(config)
+    m = _manifest(cfg, manifest)
+    model, info = _load_for_split(checkpoint, m, device)
+    rows = m.split(split)[: limit or None]
+    out_dir = out or run_dir(cfg) / "predict" / split
+    dev = next(model.parameters()).device
+    t0 = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"predict {split}", total=len(rows), rate="")
+        for i, row in enumerate(rows):
+            x = torch.from_numpy(m.read_image(row)).permute(2, 0, 1)[None].to(dev)
+            logits = predict_logits(
+                model, normalize(x, info["mean"], info["std"]), mode, crop, stride
+            )
+            pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+            write_label_png(out_dir / f"{row.id}.png", pred, m.palette)
+            bar.update(task, advance=1, rate=rate_text(i + 1, time.perf_counter() - t0, "img"))
+    console.print(f"wrote {len(rows)} predictions to {out_dir}")
+
+
+@app.command("export-splits")
+@handle_errors
+def export_splits_cmd(
+    config: ConfigOpt = None,
+    manifest: ManifestOpt = None,
+    pseudo_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Pseudo-label PNG folder (default: [train] pseudo_dir, else {run_dir}/pseudo/cp)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the split files (default: {run_dir}/splits).")
+    ] = None,
+) -> None:
+    """UniMatch/AllSpark split files listing the pseudo-labeled images with their PNGs."""
+    from train.splits import export_splits
+
+    cfg = load_config(config)
+    tcfg = parse_section(cfg, "train", TrainConfig, overrides={"pseudo_dir": pseudo_dir})
+    m = _manifest(cfg, manifest)
+    pdir = Path(tcfg.pseudo_dir) if tcfg.pseudo_dir else run_dir(cfg) / "pseudo" / "cp"
+    if not pdir.is_dir():
+        raise UserError(
+            f"{pdir}: pseudo-label folder not found; expected the output of "
+            "python -m calibrate (or --pseudo-dir)"
+        )
+    out_dir = out or run_dir(cfg) / "splits"
+    counts = export_splits(m, pdir, out_dir)
+    from data_manifest.cli_support import table
+
+    console.print(
+        table(f"split files in {out_dir}", ["file", "lines"], [[k, v] for k, v in counts.items()])
+    )
