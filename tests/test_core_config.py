@@ -80,9 +80,19 @@ def test_missing_file(tmp_path):
 
 
 def test_resolved_config_round_trips(tmp_path):
-    resolved = {"run_dir": "runs/x", "seed": 3, "empty": None,
-                "calibrate": {"alpha": 0.05, "splits": ["a", "b"], "out": None, "ok": True,
-                              "name": 'q"uote\\', "extra": {"k": "v"}}}
+    resolved = {
+        "run_dir": "runs/x",
+        "seed": 3,
+        "empty": None,
+        "calibrate": {
+            "alpha": 0.05,
+            "splits": ["a", "b"],
+            "out": None,
+            "ok": True,
+            "name": 'q"uote\\',
+            "extra": {"k": "v"},
+        },
+    }
     path = write_resolved(tmp_path / "sub" / "config.toml", resolved)
     back = tomllib.loads(path.read_text())
     expected = {k: v for k, v in resolved.items() if v is not None}
