@@ -320,6 +320,21 @@ def test_evaluate_predict_export_splits(fitted, tiny, tmp_path):
     r = runner.invoke(app, ["evaluate", "--checkpoint", str(other), "--manifest", str(manifest)])
     assert r.exit_code == 1
     assert "other.pt: classes = ['x', 'y', 'z'] (3); expected the manifest's" in r.output
+    for command in ("evaluate", "predict"):
+        r = runner.invoke(
+            app,
+            [
+                command,
+                "--checkpoint",
+                str(out / "latest.pt"),
+                "--manifest",
+                str(manifest),
+                "--mode",
+                "tiled",
+            ],
+        )
+        assert r.exit_code == 1
+        assert "--mode = 'tiled': expected 'whole' or 'sliding'" in r.output
 
 
 def _cmd(cfg: Path, manifest: Path, *args: str) -> list[str]:

@@ -129,6 +129,18 @@ def fit(
             )
 
 
+def _open_checkpoint(
+    config: Path | None, manifest: Path | None, checkpoint: Path, device: str, mode: str
+) -> tuple[dict[str, Any], Manifest, Any, dict]:
+    """Config, manifest, and the checkpoint's model checked against the manifest's classes."""
+    if mode not in ("whole", "sliding"):
+        raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
+    cfg = load_config(config)
+    m = _manifest(cfg, manifest)
+    model, info = _load_for_split(checkpoint, m, device)
+    return cfg, m, model, info
+
+
 def _load_for_split(checkpoint: Path, m: Manifest, device: str) -> tuple[Any, dict]:
     import torch
 
@@ -164,11 +176,7 @@ def evaluate(
     from train.engine import evaluate_rows, print_iou_table
     from train.metrics import summarize
 
-    if mode not in ("whole", "sliding"):
-        raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
-    cfg = load_config(config)
-    m = _manifest(cfg, manifest)
-    model, info = _load_for_split(checkpoint, m, device)
+    _, m, model, info = _open_checkpoint(config, manifest, checkpoint, device, mode)
     rows = m.split(split)
     if not rows or any(r.label is None for r in rows):
         problem = "no images" if not rows else "images without labels"
@@ -211,11 +219,7 @@ def predict(
     from data_manifest.io import write_label_png
     from train.inference import normalize, predict_logits
 
-    if mode not in ("whole", "sliding"):
-        raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
-    cfg = load_config(config)
-    m = _manifest(cfg, manifest)
-    model, info = _load_for_split(checkpoint, m, device)
+    cfg, m, model, info = _open_checkpoint(config, manifest, checkpoint, device, mode)
     rows = m.split(split)[: limit or None]
     out_dir = out or run_dir(cfg) / "predict" / split
     dev = next(model.parameters()).device
