@@ -7,7 +7,13 @@ true class, computed by the very same function, so "the true class is in the set
 
 - LAC: s_j = 1 − p_j.
 - APS: s_j = the total probability of the classes ranked at or above j when the classes are
-  sorted by decreasing probability (ties broken by class index); the non-randomised APS score.
+  sorted by decreasing probability (ties broken by class index), the non-randomised APS
+  score, except that the most probable class scores 0. So the APS set always holds the argmax
+  (the standard non-empty APS set, as ``allow_zero_sets=False`` in Angelopoulos et al.'s
+  reference code) and, since calibration uses this same score, its coverage stays calibrated
+  at 1 − α instead of becoming conservative as when the argmax is added after calibration.
+  An APS set is never empty, so it filters nothing by itself: only ``max_set_size`` drops
+  pixels (``max_set_size = 1`` keeps the pixels whose set is the argmax alone).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def class_scores(probs: np.ndarray, score: Score) -> np.ndarray:
     elif score == "aps":
         order = np.argsort(-p, axis=0, kind="stable")
         cum = np.cumsum(np.take_along_axis(p, order, axis=0), axis=0, dtype=np.float32)
+        cum[0] = 0.0  # the most probable class is always in the set
         s = np.empty_like(p)
         np.put_along_axis(s, order, cum, axis=0)
     else:
@@ -63,7 +70,8 @@ def true_class_scores(probs: np.ndarray, labels: np.ndarray, score: Score) -> np
 
 
 def prediction_sets(probs: np.ndarray, qhat: np.ndarray, score: Score) -> np.ndarray:
-    """bool (K, H, W): class j is in the set of a pixel when its score is ≤ qhat[j].
+    """bool (K, H, W): class j is in the set of a pixel when its score is ≤ qhat[j] (with APS
+    the most probable class scores 0, so it is always in the set).
 
     Args:
         probs: float32 (K, H, W); qhat: float32 (K,) threshold per class.
@@ -72,6 +80,20 @@ def prediction_sets(probs: np.ndarray, qhat: np.ndarray, score: Score) -> np.nda
     if score == "lac":  # the same test as class_scores(...) <= q without the clip: q ∈ [0, 1]
         return np.float32(1.0) - np.asarray(probs, dtype=np.float32) <= q
     return class_scores(probs, score) <= q
+
+
+def informative(qhat: np.ndarray, mode: str) -> np.ndarray | None:
+    """Class mode: which classes' set membership is informative, bool (K,); None otherwise.
+
+    Class j enters a LAC set where p_j ≥ 1 − q̂_j. When 1 − q̂_j < 1/K, a class enters sets
+    where it holds less than a uniform share of the probability, so its membership carries no
+    evidence for it (with class-conditional q̂, classes the annotator misses get q̂_j ≈ 1 and
+    enter every set). Informative: 1 − q̂_j ≥ 1/K.
+    """
+    if mode != "class":
+        return None
+    q = np.asarray(qhat, dtype=np.float64).ravel()
+    return (1.0 - q) * q.size >= 1.0
 
 
 def argmax0(
@@ -102,26 +124,48 @@ def argmax0(
 
 
 def pseudo_label(
-    probs: np.ndarray, sets: np.ndarray, background: int | None, max_set_size: int = 0
+    probs: np.ndarray,
+    sets: np.ndarray,
+    background: int | None,
+    max_set_size: int = 0,
+    informative: np.ndarray | None = None,
 ) -> np.ndarray:
     """The pseudo-label of every pixel from its prediction set.
 
-    Empty set → 255. Otherwise the most probable class in the set; when ``background`` is a
-    class index and the set holds background together with another class, the most probable
-    non-background class in the set wins (the paper's foreground preference). Ties go to the
-    lower class index. With ``max_set_size`` > 0, sets larger than that are also 255 (our
-    option, not the paper's: a large set says the annotator is unsure there).
+    ``informative`` None (the paper's rule, pixel and image modes): empty set → 255; otherwise
+    the most probable class in the set; when ``background`` is a class index and the set holds
+    background together with another class, the most probable non-background class in the set
+    wins (the paper's foreground preference).
+
+    ``informative`` given (class mode, see :func:`informative`): when the set holds background
+    and an informative foreground class, the most probable such class wins (the foreground
+    preference, restricted to classes whose membership is evidence); otherwise the pixel keeps
+    its argmax if the argmax is in its set, else it becomes 255. A kept pixel thus carries its
+    argmax or a foreground class the preference chose; the rule never relabels a pixel with a
+    less probable class just because an uninformative class is left in its set.
+
+    Ties go to the lower class index. With ``max_set_size`` > 0, sets larger than that are also
+    255 (our option, not the paper's: a large set says the annotator is unsure there).
 
     Args:
         probs: float32 (K, H, W); sets: bool (K, H, W); background: class index or None (rule
-            off); max_set_size: largest set kept, 0 = no limit.
+            off); max_set_size: largest set kept, 0 = no limit; informative: bool (K,) or None.
     Returns:
         uint8 (H, W).
     """
-    idx, val = argmax0(probs, sets, skip=background)
-    out = np.where(val >= 0, idx, np.uint8(IGNORE_INDEX))
-    if background is not None:
-        out = np.where((val < 0) & sets[background], np.uint8(background), out)
+    if informative is None:
+        idx, val = argmax0(probs, sets, skip=background)
+        out = np.where(val >= 0, idx, np.uint8(IGNORE_INDEX))
+        if background is not None:
+            out = np.where((val < 0) & sets[background], np.uint8(background), out)
+    else:
+        top = argmax0(probs)[0]
+        in_set = np.take_along_axis(sets, top[None].astype(np.intp), axis=0)[0]
+        out = np.where(in_set, top, np.uint8(IGNORE_INDEX))
+        if background is not None:
+            fg = sets & np.asarray(informative, bool).reshape(-1, 1, 1)
+            idx, val = argmax0(probs, fg, skip=background)
+            out = np.where(sets[background] & (val >= 0), idx, out)
     if max_set_size > 0:
         out = np.where(np.count_nonzero(sets, axis=0) > max_set_size, np.uint8(IGNORE_INDEX), out)
     return out.astype(np.uint8, copy=False)

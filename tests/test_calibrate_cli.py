@@ -78,7 +78,7 @@ def labeled_scores(
                     acc = np.float32(acc + col[c])
                     if c == yv[j]:
                         break
-                s[j] = min(acc, np.float32(1))
+                s[j] = 0.0 if yv[j] == order[0] else min(acc, np.float32(1))  # argmax: 0
         all_s.append(s.astype(np.float32))
         all_y.append(yv)
         per_image.append(s.astype(np.float32))

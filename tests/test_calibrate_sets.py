@@ -21,9 +21,10 @@ def test_lac_scores() -> None:
 def test_aps_scores_including_ties() -> None:
     p = px([0.5, 0.3, 0.2], [0.2, 0.4, 0.4], [0.1, 0.1, 0.8])
     s = S.class_scores(p, "aps")[:, 0, :].T
-    np.testing.assert_allclose(s[0], [0.5, 0.8, 1.0], atol=1e-6)
-    np.testing.assert_allclose(s[1], [1.0, 0.4, 0.8], atol=1e-6)  # tie: lower index ranks first
-    np.testing.assert_allclose(s[2], [0.9, 1.0, 0.8], atol=1e-6)
+    # cumulative mass down to the class, the most probable class scoring 0
+    np.testing.assert_allclose(s[0], [0.0, 0.8, 1.0], atol=1e-6)
+    np.testing.assert_allclose(s[1], [1.0, 0.0, 0.8], atol=1e-6)  # tie: lower index ranks first
+    np.testing.assert_allclose(s[2], [0.9, 1.0, 0.0], atol=1e-6)
 
 
 def test_true_class_scores_skip_ignore_and_match_class_scores() -> None:
