@@ -8,10 +8,12 @@ from typing import Annotated, Any
 import typer
 
 import data_manifest
+from calibrate import evaluate as evaluate_mod
 from calibrate import job, report
 from calibrate.config import CalibrateConfig
 from data_manifest.cli_support import console, handle_errors, make_app, table
 from data_manifest.config import load_config, parse_section, run_dir
+from data_manifest.errors import UserError
 
 app = make_app(
     "calibrate", "Conformal calibration of cached annotator scores, and filtered pseudo-label PNGs."
@@ -42,7 +44,16 @@ def run(
     alpha: Annotated[float | None, typer.Option(help="Miscoverage α in (0, 1).")] = None,
     mode: Annotated[str | None, typer.Option(help="pixel, class or image.")] = None,
     score: Annotated[str | None, typer.Option(help="lac (1 − p_y) or aps.")] = None,
-    method: Annotated[str | None, typer.Option(help="cp, raw or threshold.")] = None,
+    method: Annotated[str | None, typer.Option(help="cp, raw, threshold or risk.")] = None,
+    risk: Annotated[
+        float | None,
+        typer.Option(help="Method risk: ε in (0, 1), the kept-pixel error to control."),
+    ] = None,
+    risk_control: Annotated[
+        str | None,
+        typer.Option(help="Method risk: crc (guarantee in expectation) or ltt (w.p. 1 − δ)."),
+    ] = None,
+    delta: Annotated[float | None, typer.Option(help="Method risk with ltt: δ in (0, 1).")] = None,
     background_rule: Annotated[
         str | None, typer.Option(help="auto, prefer_foreground or most_probable.")
     ] = None,
@@ -88,6 +99,9 @@ def run(
         mode=mode,
         score=score,
         method=method,
+        risk=risk,
+        risk_control=risk_control,
+        delta=delta,
         background_rule=background_rule,
         max_set_size=max_set_size,
         threshold=threshold,
@@ -113,6 +127,8 @@ def run(
         return
     for t in report.summary_tables(result["figures"]):
         console.print(t)
+    if result["figures"].get("risk"):
+        console.print(risk_table(result["figures"]["risk"]))
     tm = result["timings"]
     console.print(
         table(
@@ -126,3 +142,93 @@ def run(
             ],
         )
     )
+
+
+def risk_table(fig: dict[str, Any]) -> Any:
+    """Method risk: τ̂, its certificate, and the kept-pixel figures where labels allow."""
+    sel = fig["selection"]
+
+    def f(v: Any) -> str:
+        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    rows = [
+        ["control", f"{fig['control']}" + (f" (δ = {fig['delta']})" if fig["delta"] else "")],
+        ["ε (target error of kept pixels)", f(fig["epsilon"])],
+        [
+            "τ (confidence threshold, PNGs)",
+            "keeps nothing" if fig["keeps_nothing"] else f(fig["tau"]),
+        ],
+        ["calibration images", f(sel["images"])],
+        [
+            "certificate" + (" (CRC bound ≤ ε)" if fig["control"] == "crc" else " (p-value ≤ δ)"),
+            f(sel["statistic"]),
+        ],
+    ]
+    if sel["note"]:
+        rows.append(["note", sel["note"]])
+    for name in ("calibration", "held_out", "val"):
+        d = fig.get(name)
+        if d and d.get("images"):
+            rows.append(
+                [
+                    f"{name}: kept fraction / kept error / mean image error",
+                    f"{f(d['kept_fraction'])} / {f(d['kept_error'])} / {f(d['mean_image_error'])}"
+                    + (
+                        f" (τ = {f(d['tau'])}, from the other images)" if name == "held_out" else ""
+                    ),
+                ]
+            )
+    return table(f"risk control: {fig['guarantee']}", ["", "value"], rows)
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    folders: Annotated[
+        list[str], typer.Argument(help="Pseudo-label folders (outputs of calibrate run).")
+    ],
+    config: Annotated[
+        str | None, typer.Option(help="Run config (TOML): its data section names the manifest.")
+    ] = None,
+    manifest: Annotated[
+        str | None,
+        typer.Option(help="Manifest; default: the config's, else the first folder's report's."),
+    ] = None,
+    cache: Annotated[
+        str | None, typer.Option(help="Cache; default: the one the first folder was made from.")
+    ] = None,
+    out_dir: Annotated[
+        str | None,
+        typer.Option(help="Output folder; default: evaluation/ beside the first folder."),
+    ] = None,
+    scheduler: Annotated[
+        str, typer.Option(help="threads, processes, synchronous or tcp://HOST:PORT.")
+    ] = "threads",
+    workers: Annotated[int, typer.Option(help="Threads or processes (0 = cores).")] = 0,
+    batch: Annotated[int, typer.Option(help="Images per Dask task.")] = 8,
+    quiet: Annotated[bool, typer.Option(help="No progress bars or tables.")] = False,
+) -> None:
+    """Pseudo-label quality against true labels, several folders side by side, and the
+    annotator's risk-coverage curve (evaluation.json, risk_coverage.png)."""
+    paths = [Path(p) for p in folders]
+    for p in paths:
+        if not p.is_dir():
+            raise UserError(f"{p}: folder not found; expected a pseudo-label folder")
+    first = evaluate_mod.first_report(paths[0])
+    if manifest or config:
+        mpath = manifest_path(load_config(config), manifest)
+    else:
+        mpath = Path(first["manifest"]["path"])
+    m = data_manifest.load(mpath)
+    cpath = Path(cache) if cache else Path(first["cache"]["path"])
+    out = Path(out_dir) if out_dir else paths[0].parent / "evaluation"
+    result = evaluate_mod.run(
+        m, cpath, paths, out, scheduler, workers, batch, show_progress=not quiet
+    )
+    if quiet:
+        return
+    for t in evaluate_mod.summary_tables(result):
+        console.print(t)
+    for note in result["notes"]:
+        console.print(f"note: {note}")
+    console.print(f"wrote {out / 'evaluation.json'} and {out / 'risk_coverage.png'}")

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 MODES = ("pixel", "class", "image")
-METHODS = ("cp", "raw", "threshold")
+METHODS = ("cp", "raw", "threshold", "risk")
+RISK_CONTROLS = ("crc", "ltt")
 BACKGROUND_RULES = ("auto", "prefer_foreground", "most_probable")
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 
@@ -20,7 +21,8 @@ class CalibrateConfig:
         mode: "pixel" (one q̂ over all labeled pixels), "class" (one q̂ per true class) or
             "image" (one score per labeled image, q̂ over images).
         score: "lac" (1 − p_y) or "aps" (mass of the classes ranked at or above y).
-        method: which pseudo-labels to write: "cp", "raw" (annotator argmax) or "threshold".
+        method: which pseudo-labels to write: "cp", "raw" (annotator argmax), "threshold" or
+            "risk" (the confidence threshold whose kept-pixel error is controlled at ``risk``).
         background_rule: "auto" (prefer foreground when the manifest names a background class),
             "prefer_foreground" (requires one) or "most_probable" (rule off).
         max_set_size: method "cp": pixels whose set holds more classes than this become 255
@@ -28,6 +30,10 @@ class CalibrateConfig:
             default: with an overconfident annotator q̂ can exceed 1 − 1/K, and then no LAC set
             is ever empty, so the paper's rule keeps every pixel.
         threshold: confidence threshold of method "threshold"; unset = keep as many pixels as CP.
+        risk: method "risk": ε in (0, 1), the error of the kept pixels to control.
+        risk_control: method "risk": "crc" (conformal risk control, a guarantee in expectation)
+            or "ltt" (Learn then Test, a guarantee with probability ≥ 1 − delta).
+        delta: method "risk" with "ltt": δ in (0, 1).
         class_min_pixels: in mode "class", classes with fewer calibration pixels use the pooled
             pixel-wise q̂; 0 = always the class's own q̂ (1 when its rank exceeds its count).
         held_out_fraction: fraction of the labeled images held out for the report, in [0, 1).
@@ -45,10 +51,13 @@ class CalibrateConfig:
     alpha: float = 0.05
     mode: Literal["pixel", "class", "image"] = "pixel"
     score: Literal["lac", "aps"] = "lac"
-    method: Literal["cp", "raw", "threshold"] = "cp"
+    method: Literal["cp", "raw", "threshold", "risk"] = "cp"
     background_rule: Literal["auto", "prefer_foreground", "most_probable"] = "auto"
     threshold: float | None = None
     max_set_size: int = 0
+    risk: float = 0.1
+    risk_control: Literal["crc", "ltt"] = "crc"
+    delta: float = 0.1
     class_min_pixels: int = 100
     held_out_fraction: float = 0.5
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
@@ -68,6 +77,10 @@ class CalibrateConfig:
                 raise ValueError(f"alphas = {list(self.alphas)!r}: expected numbers in (0, 1)")
         if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold = {self.threshold!r}: expected a number in (0, 1]")
+        if not 0.0 < self.risk < 1.0:
+            raise ValueError(f"risk = {self.risk!r}: expected a number in (0, 1)")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta = {self.delta!r}: expected a number in (0, 1)")
         if self.max_set_size < 0:
             raise ValueError(f"max_set_size = {self.max_set_size!r}: expected >= 0 (0 = no limit)")
         if self.class_min_pixels < 0:

@@ -8,7 +8,8 @@ Passes (each a Dask map-reduce over batches of images, see :mod:`calibrate.runne
    α of the grid, both from all labeled images ("all") and from the calibration part ("cal");
 3. held-out and val images: report figures;
 4. (method "threshold" without a given threshold) unlabeled images, twice: the confidence
-   threshold that keeps as many pixels as CP;
+   threshold that keeps as many pixels as CP; (method "risk") labeled and val images: the
+   per-image risk tables (:mod:`calibrate.risk`);
 5. unlabeled images: the pseudo-label PNGs.
 
 Nothing is written before passes 1-3 have checked every input.
@@ -26,7 +27,10 @@ import numpy as np
 from annotate.cache import Cache, open_cache
 from calibrate import quantile as Q
 from calibrate import report
+from calibrate import risk as R
+from calibrate import sets as S
 from calibrate.config import CalibrateConfig
+from calibrate.rules import Rule
 from calibrate.runner import Runner, merge
 from calibrate.tasks import (
     Ctx,
@@ -323,12 +327,28 @@ def run(
 
         qhat = qmat["all"][ia]
         u_items = [Item(i, None, "unlabeled") for i in plan.unlabeled]
-        tau, n_cp = None, None
+        tau, n_cp, risk_fig = None, None, None
         if conf.method == "threshold":
             if conf.threshold is not None:
                 tau = float(conf.threshold)
             else:
                 tau, n_cp, _ = matched_threshold(runner, u_items, ctx, qhat, conf.batch)
+        quantize = 0 < cache.meta.topk < cache.num_classes
+        if conf.method == "risk":
+            t = time.perf_counter()
+            val_items = [Item(i, label_of[i], "val") for i in plan.val]
+            stats = _run_pass(
+                runner,
+                R.risk_pass,
+                items_l + val_items,
+                conf.batch,
+                "risk",
+                ctx=ctx,
+                quantize=quantize,
+            )
+            risk_fig = risk_figures(stats, conf, has_held)
+            timings["risk_s"] = time.perf_counter() - t
+        rules = make_rules(conf, ctx, qmat, ia, tau, risk_fig, quantize)
 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_resolved(out_dir / "config.toml", resolved)
@@ -340,9 +360,7 @@ def run(
             conf.batch,
             f"write {conf.method}",
             ctx=ctx,
-            method=conf.method,
-            qhat=qhat,
-            tau=tau,
+            rule=rules["pngs"],
             out_dir=str(out_dir),
             palette=manifest.palette,
         )
@@ -360,6 +378,8 @@ def run(
         "max_set_size": conf.max_set_size,
         "classes": list(manifest.classes),
         "qhat": report.qhat_json(qinfo["all"], ia, conf, manifest.classes),
+        "rule": {k: (v.to_json() if v is not None else None) for k, v in rules.items()},
+        "risk": risk_fig,
         "qhat_used_by_pngs": "q̂ from all labeled images",
         "calibration": {
             "images": len(plan.cal) + len(plan.held),
@@ -413,6 +433,80 @@ def run(
         "timings": timings,
         "workers": workers,
     }
+
+
+def risk_figures(stats: dict, conf: CalibrateConfig, has_held: bool) -> dict[str, Any]:
+    """Method "risk": τ̂ from all labeled images (the PNGs) and from the calibration part (the
+    held-out figures), with what certifies them and how they do on held-out and val images."""
+    tau = R.tau_grid()
+    every = merge(stats.get("cal"), stats.get("held"))
+    if not every or not every["images"]:
+        raise UserError("method risk: no labeled image has a labeled pixel to calibrate on")
+    pick = {"all": every, "cal": stats.get("cal") if has_held else None}
+    sel = {
+        k: R.select(
+            v["loss"], v["envelope"], v["images"], tau, conf.risk, conf.risk_control, conf.delta
+        )
+        for k, v in pick.items()
+        if v
+    }
+    out = {
+        "epsilon": conf.risk,
+        "control": conf.risk_control,
+        "delta": conf.delta if conf.risk_control == "ltt" else None,
+        "loss": "per-image error of the kept pixels: wrong_i(tau) / kept_i(tau), 0 if none kept",
+        "guarantee": R.GUARANTEE[conf.risk_control],
+        "tau": sel["all"].tau,
+        "keeps_nothing": sel["all"].index < 0,
+        "selection": sel["all"].to_json(),
+        "calibration": R.at(every, sel["all"].index),
+        "held_out": None,
+        "val": R.at(stats.get("val"), sel["all"].index) if stats.get("val") else None,
+    }
+    if "cal" in sel:
+        out["held_out"] = {
+            "tau": sel["cal"].tau,
+            "selection": sel["cal"].to_json(),
+            **R.at(stats.get("held"), sel["cal"].index),
+        }
+    return out
+
+
+def make_rules(
+    conf: CalibrateConfig,
+    ctx: Ctx,
+    qmat: dict[str, np.ndarray],
+    ia: int,
+    tau: float | None,
+    risk_fig: dict[str, Any] | None,
+    quantize: bool,
+) -> dict[str, Rule | None]:
+    """The rule of the PNGs ("pngs") and the rule calibrated without the held-out images
+    ("held_out", None without a held-out split), as recorded in calibration.json."""
+    out: dict[str, Rule | None] = {}
+    for key, subset in (("pngs", "all"), ("held_out", "cal")):
+        if subset not in qmat:
+            out[key] = None
+            continue
+        if conf.method == "raw":
+            out[key] = Rule("raw")
+        elif conf.method == "threshold":
+            out[key] = Rule("threshold", tau=tau)
+        elif conf.method == "risk":
+            t = risk_fig["tau"] if key == "pngs" else risk_fig["held_out"]["tau"]
+            out[key] = Rule("risk", tau=t, quantize=quantize)
+        else:
+            q = qmat[subset][ia]
+            fg = S.informative(q, ctx.mode)
+            out[key] = Rule(
+                "cp",
+                score=conf.score,
+                qhat=tuple(float(v) for v in q),
+                background=ctx.background,
+                max_set_size=conf.max_set_size,
+                informative=None if fg is None else tuple(bool(v) for v in fg),
+            )
+    return out
 
 
 def with_defaults(conf: CalibrateConfig, cfg: dict[str, Any], run_dir: Path) -> CalibrateConfig:

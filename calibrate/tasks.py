@@ -18,6 +18,7 @@ import numpy as np
 from annotate.cache import Cache, open_cache
 from calibrate import quantile as Q
 from calibrate import sets as S
+from calibrate.rules import Rule, label_image
 from calibrate.runner import merge
 from data_manifest.errors import UserError
 from data_manifest.io import read_label_png, write_label_png
@@ -186,7 +187,8 @@ def evaluate(batch: list[Item], ctx: Ctx, qhats: dict) -> dict:
         # set figures at the run's α
         sets = allscores <= q[ctx.main].reshape(-1, 1, 1)
         size = np.count_nonzero(sets[:, 0], axis=0)
-        pl = S.pseudo_label(pv, sets, ctx.background, ctx.max_set_size)[0]
+        fg = S.informative(q[ctx.main], ctx.mode)
+        pl = S.pseudo_label(pv, sets, ctx.background, ctx.max_set_size, fg)[0]
         kept = pl != IGNORE_INDEX
         r["set_size"] = int(size.sum())
         r["singletons"] = int((size == 1).sum())
@@ -216,7 +218,13 @@ def unlabeled_counts(
             r = {
                 "kept": int(
                     (
-                        S.pseudo_label(probs, sets, ctx.background, ctx.max_set_size)
+                        S.pseudo_label(
+                            probs,
+                            sets,
+                            ctx.background,
+                            ctx.max_set_size,
+                            S.informative(qhat, ctx.mode),
+                        )
                         != IGNORE_INDEX
                     ).sum()
                 ),
@@ -232,13 +240,11 @@ def unlabeled_counts(
 def write_pseudo(
     batch: list[Item],
     ctx: Ctx,
-    method: str,
-    qhat: np.ndarray,
-    tau: float | None,
+    rule: Rule,
     out_dir: str,
     palette: list[list[int]],
 ) -> dict:
-    """Write one pseudo-label PNG per unlabeled image.
+    """Write one pseudo-label PNG per unlabeled image, labelled by ``rule``.
 
     Returns ``{"images": [(id, kept pixels, pixels, rewritten)]}``.
     """
@@ -246,13 +252,7 @@ def write_pseudo(
     rows = []
     for it in batch:
         probs, _ = load(cache, it, ctx)
-        if method == "cp":
-            sets = S.prediction_sets(probs, qhat, ctx.score)
-            lab = S.pseudo_label(probs, sets, ctx.background, ctx.max_set_size)
-        elif method == "threshold":
-            lab = S.threshold_label(probs, float(tau))
-        else:
-            lab = S.raw_label(probs)
+        lab = label_image(probs, rule)
         wrote = write_label_png(Path(out_dir) / f"{it.id}.png", lab, palette, PNG_LEVEL)
         rows.append((it.id, int((lab != IGNORE_INDEX).sum()), int(lab.size), bool(wrote)))
     return {"images": rows}

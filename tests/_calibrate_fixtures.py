@@ -52,8 +52,12 @@ def make_dataset(
     cache_splits: tuple[str, ...] = ("labeled", "unlabeled", "val"),
     topk: int = 0,
     classes: list[str] | None = None,
+    unlabeled_labels: bool = False,
 ) -> tuple[Path, Path]:
     """Write images, labels, a manifest and a cache under ``root``.
+
+    ``unlabeled_labels``: the unlabeled rows get label files too (as a benchmark such as the
+    demo has, for measuring pseudo-labels).
 
     Returns:
         (manifest path, cache path).
@@ -72,7 +76,7 @@ def make_dataset(
             lab = label_map(rng, h, w, k)
             labels[iid] = lab
             lab_rel = None
-            if split != "unlabeled":
+            if split != "unlabeled" or unlabeled_labels:
                 lab_rel = f"labels/{iid}.png"
                 write_label_png(root / lab_rel, lab, PALETTE[:k] + [[9, 9, 9]] * (k - 4))
             rows.append(Row(id=iid, image=img_rel, label=lab_rel, split=split, height=h, width=w))
