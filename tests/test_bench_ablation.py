@@ -1,0 +1,84 @@
+"""bench/ablation.py's statistics and bookkeeping (the training itself is not run here)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "ablation", Path(__file__).resolve().parents[1] / "bench" / "ablation.py"
+)
+A = importlib.util.module_from_spec(_spec)
+sys.modules["ablation"] = A  # dataclasses look their module up there
+_spec.loader.exec_module(A)
+
+
+def test_t_interval_matches_the_textbook_formula() -> None:
+    xs = [60.1, 58.3, 63.0, 61.2, 59.9]
+    ci = A.t_interval(xs)
+    hw = 2.776 * statistics.stdev(xs) / math.sqrt(5)  # t(0.975, df = 4)
+    assert ci["n"] == 5 and ci["mean"] == pytest.approx(statistics.mean(xs))
+    assert ci["half_width"] == pytest.approx(hw)
+    assert ci["low"] == pytest.approx(ci["mean"] - hw)
+    assert A.t_interval([1.0])["half_width"] is None
+    assert A.t_interval([])["mean"] is None
+    assert A.t_interval([1.0] * 40)["half_width"] == 0.0  # beyond the table: normal quantile
+
+
+def test_jobs_go_seed_by_seed() -> None:
+    jobs = A.train_jobs(A.ROWS[:3], [0, 1])
+    assert [(r.key, s) for r, s in jobs] == [
+        ("labeled_only", 0),
+        ("raw", 0),
+        ("cp", 0),
+        ("labeled_only", 1),
+        ("raw", 1),
+        ("cp", 1),
+    ]
+
+
+def test_paired_differences_use_common_seeds(tmp_path: Path) -> None:
+    runs = {"labeled_only": [50, 52, 51], "raw": [40, 45, 41], "cp": [55, 56]}
+    for key, values in runs.items():
+        for seed, v in enumerate(values):
+            f = tmp_path / "runs" / key / f"seed{seed}" / "final.json"
+            f.parent.mkdir(parents=True)
+            f.write_text(json.dumps({"miou": v / 100}))
+    rows = [r for r in A.ROWS if r.key in runs]
+    quality = {"cp": {"kept_fraction": 1.0, "kept_accuracy": 0.9, "miou": 0.5}}
+    res = {r["row"]: r for r in A.summarise(rows, [0, 1, 2], tmp_path, quality, "unlabeled")}
+    cp = res["cp"]
+    assert cp["miou_ci"]["n"] == 2
+    d = cp["diff_labeled_only"]  # seeds 0 and 1 only: +5, +4
+    assert d["n"] == 2 and d["mean"] == pytest.approx(4.5)
+    assert d["half_width"] == pytest.approx(12.706 * statistics.stdev([5, 4]) / math.sqrt(2))
+    assert res["raw"]["diff_raw"] is None
+    assert res["raw"]["diff_labeled_only"]["mean"] == pytest.approx((-10 - 7 - 10) / 3)
+    assert cp["pseudo"] == {
+        "set": "unlabeled",
+        "kept_fraction": 1.0,
+        "kept_accuracy": 0.9,
+        "miou": 0.5,
+    }
+    md = A.table(list(res.values()), "header")
+    assert "+4.5 ± " in md and "| — |" in md
+
+
+def test_variant_config_gets_its_own_folders(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config's paths are relative
+    cfg = A.derive_config("configs/demo.toml", ["demo_seed=3", "demo_gap=0.8"], ["batch_size=4"])
+    assert cfg["run_dir"] == "runs/demo_s3_g0.8"
+    assert cfg["data"]["demo_root"] == "data/demo_s3_g0.8"
+    assert cfg["data"]["manifest"] == "data/demo_s3_g0.8/target/manifest.jsonl"
+    assert cfg["annotate"]["model"] == "data/demo_s3_g0.8/annotator/best.pt"
+    ann = cfg["_annotator"]
+    assert ann["data"]["demo_seed"] == 3 and ann["data"]["demo_gap"] == 0.8
+    assert ann["data"]["manifest"] == "data/demo_s3_g0.8/source/manifest.jsonl"
+    assert ann["train"]["out"] == "data/demo_s3_g0.8/annotator"
+    assert cfg["train"]["batch_size"] == 4
