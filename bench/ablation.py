@@ -23,15 +23,18 @@ paired difference to "labeled only" and to "raw" with its 95 % t-interval (the i
 per-seed differences). Pseudo-label quality comes from ``python -m calibrate evaluate`` on the
 unlabeled images' true labels where the manifest has them (the demo does), else on val.
 
-Every step goes through the stages' own command lines. Finished training runs (``final.json``)
-are kept, so an interrupted ablation continues where it stopped; runs are ordered seed by seed,
-so a partial run still gives paired rows. Writes ``ablation.md`` (the table) and
+Every step goes through the stages' own command lines. A row whose pseudo-labels are
+byte-identical to an earlier row's (and whose trainer options are the same) reuses that row's
+runs, since training is deterministic. Finished training runs (``final.json``) are kept, so
+an interrupted ablation continues where it stopped; runs are ordered seed by seed, so a
+partial run still gives paired rows. Writes ``ablation.md`` (the table) and
 ``ablation.json`` (every figure) to the output folder, and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -191,20 +194,53 @@ def write_config(cfg: dict[str, Any], out: Path) -> Path:
     return out / "config.toml"
 
 
+def folder_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of a pseudo-label folder's PNGs (plots excluded)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*.png")):
+        rel = f.relative_to(folder)
+        if rel.parts[0] != "plots":
+            h.update(str(rel).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def twins(rows: list[Row], digest: dict[str, str]) -> dict[str, str]:
+    """Rows whose pseudo-labels (same PNG bytes) and trainer options equal an earlier row's,
+    mapped to that row: training is deterministic, so their runs would be identical and are
+    not repeated (e.g. the matched threshold when CP keeps every pixel, as raw)."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for r in rows:
+        d = digest.get(r.calibration or "")
+        key = (d, r.train_args)
+        if d is not None and key in seen:
+            out[r.key] = seen[key]
+        else:
+            seen.setdefault(key, r.key)
+    return out
+
+
 def train_jobs(rows: list[Row], seeds: list[int]) -> list[tuple[Row, int]]:
     """Every (row, seed), seed by seed, so that a partial ablation has paired rows."""
     return [(r, s) for s in seeds for r in rows]
 
 
 def summarise(
-    rows: list[Row], seeds: list[int], out: Path, quality: dict[str, dict], quality_set: str
+    rows: list[Row],
+    seeds: list[int],
+    out: Path,
+    quality: dict[str, dict],
+    quality_set: str,
+    same_as: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per row: mIoU per seed, its t-interval and the paired differences to the baselines."""
+    """Per row: mIoU per seed, its t-interval and the paired differences to the baselines
+    (a row in ``same_as`` reads its twin's runs)."""
+    same_as = same_as or {}
     miou: dict[str, dict[int, float]] = {}
     for row in rows:
         miou[row.key] = {}
         for s in seeds:
-            f = out / "runs" / row.key / f"seed{s}" / "final.json"
+            f = out / "runs" / same_as.get(row.key, row.key) / f"seed{s}" / "final.json"
             if f.is_file():
                 miou[row.key][s] = 100 * json.loads(f.read_text())["miou"]
     results = []
@@ -215,6 +251,7 @@ def summarise(
             "title": row.title,
             "calibration": row.calibration,
             "train_args": list(row.train_args),
+            "same_runs_as": same_as.get(row.key),
             "miou": {str(s): v for s, v in sorted(mine.items())},
             "miou_ci": t_interval(list(mine.values())),
         }
@@ -257,8 +294,10 @@ def table(results: list[dict[str, Any]], header: str) -> str:
     ]
     for i, r in enumerate(results, 1):
         p = r["pseudo"]
+        twin = r.get("same_runs_as")
+        title = r["title"] + (f" (same pseudo-labels as `{twin}`: same runs)" if twin else "")
         lines.append(
-            f"| {i} | {r['title']} | {fmt_ci(r['miou_ci'])} | "
+            f"| {i} | {title} | {fmt_ci(r['miou_ci'])} | "
             f"{fmt_ci(r['diff_labeled_only'], True)} | {fmt_ci(r['diff_raw'], True)} | "
             f"{pct(p['kept_fraction'])} | {pct(p['kept_accuracy'])} | {pct(p['miou'])} |"
         )
@@ -372,10 +411,14 @@ def main() -> None:
             f"ablation: trained {row.key} seed {seed} ({time.perf_counter() - t:.0f} s)", flush=True
         )
 
+    same_as = twins(rows, {n: folder_digest(out / "pseudo" / n) for n in needed})
+    for key, twin in same_as.items():
+        print(f"ablation: {key} has the same pseudo-labels as {twin}: its runs are {twin}'s")
+    jobs = [(r, s) for r, s in train_jobs(rows, seeds) if r.key not in same_as]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        list(pool.map(train, train_jobs(rows, seeds)))
+        list(pool.map(train, jobs))
 
-    results = summarise(rows, seeds, out, quality, quality_set or "")
+    results = summarise(rows, seeds, out, quality, quality_set or "", same_as)
     ann = annotator_miou(m, cache)
     tc = cfg.get("train", {})
     header = (

@@ -82,3 +82,14 @@ def test_variant_config_gets_its_own_folders(monkeypatch: pytest.MonkeyPatch) ->
     assert ann["data"]["manifest"] == "data/demo_s3_g0.8/source/manifest.jsonl"
     assert ann["train"]["out"] == "data/demo_s3_g0.8/annotator"
     assert cfg["train"]["batch_size"] == 4
+
+
+def test_rows_with_identical_pseudo_labels_share_runs(tmp_path: Path) -> None:
+    for name, content in (("raw", b"a"), ("threshold", b"a"), ("cp", b"b")):
+        (tmp_path / name / "plots").mkdir(parents=True)
+        (tmp_path / name / "x.png").write_bytes(content)
+        (tmp_path / name / "plots" / "p.png").write_bytes(name.encode())  # plots don't count
+    digest = {n: A.folder_digest(tmp_path / n) for n in ("raw", "threshold", "cp")}
+    assert digest["raw"] == digest["threshold"] != digest["cp"]
+    same = A.twins(A.ROWS, digest)
+    assert same == {"threshold": "raw"}  # cp_stage2 shares cp's PNGs but not its options
