@@ -108,3 +108,14 @@ def make_dataset(
                 r.id, annotator_logits(rng, labels[r.id], k), h, w, topk=r.split == "unlabeled"
             )
     return mpath, cpath
+
+
+def calibrate_run(mpath: Path, cpath: Path, out: Path, *args: str) -> object:
+    """``python -m calibrate run`` on a tiny dataset through Typer's test runner (quiet, no
+    plots); returns the CliRunner result."""
+    from typer.testing import CliRunner
+
+    from calibrate.cli import app
+
+    argv = ["run", "--manifest", str(mpath), "--cache", str(cpath), "--out-dir", str(out)]
+    return CliRunner().invoke(app, [*argv, "--quiet", "--no-plots", *args])

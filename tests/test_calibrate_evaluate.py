@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _calibrate_fixtures import make_dataset
+from _calibrate_fixtures import calibrate_run, make_dataset
+from test_calibrate_cli import expected_pseudo
 from typer.testing import CliRunner
 
 from annotate import open_cache
@@ -61,21 +62,7 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
         "risk": ["--method", "risk", "--risk", "0.3"],
         "class": ["--method", "cp", "--mode", "class", "--class-min-pixels", "0"],
     }.items():
-        res = runner.invoke(
-            app,
-            [
-                "run",
-                "--manifest",
-                str(mpath),
-                "--cache",
-                str(cpath),
-                "--out-dir",
-                str(root / "pseudo" / name),
-                "--quiet",
-                "--no-plots",
-                *args,
-            ],
-        )
+        res = calibrate_run(mpath, cpath, root / "pseudo" / name, *args)
         assert res.exit_code == 0, res.output
     return mpath, cpath, root / "pseudo"
 
@@ -90,18 +77,6 @@ def np_confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
         if t != 255:
             m[t, k if p == 255 else p] += 1
     return m
-
-
-def paper_rule(p: np.ndarray, q: float, bg: int = 0) -> np.ndarray:
-    inset = (np.float32(1) - p) <= np.float32(q)
-    out = np.full(p.shape[1:], 255, np.uint8)
-    for yy, xx in np.ndindex(*p.shape[1:]):
-        cand = [c for c in range(p.shape[0]) if inset[c, yy, xx] and c != bg]
-        if not cand and inset[bg, yy, xx]:
-            cand = [bg]
-        if cand:
-            out[yy, xx] = max(cand, key=lambda c: (p[c, yy, xx], -c))
-    return out
 
 
 def test_evaluate_against_numpy(ds: tuple[Path, Path, Path]) -> None:
@@ -120,7 +95,7 @@ def test_evaluate_against_numpy(ds: tuple[Path, Path, Path]) -> None:
             return p.argmax(axis=0)
         if name == "risk":
             return np.where(conf >= reps["risk"]["rule"][which]["tau"], p.argmax(axis=0), 255)
-        return paper_rule(p, reps["cp"]["rule"][which]["qhat"][0])
+        return expected_pseudo(p, reps["cp"]["rule"][which]["qhat"][0])
 
     # held-out images, as documented: the seeded permutation of the sorted labeled ids
     labeled = sorted(r.id for r in m.split("labeled"))
@@ -196,20 +171,7 @@ def one_line_error(res: object, needle: str) -> None:
 def test_folder_of_another_manifest(ds: tuple[Path, Path, Path], tmp_path: Path) -> None:
     mpath, cpath, pseudo = ds
     other_m, other_c = make_dataset(tmp_path / "other", seed=5, unlabeled_labels=True)
-    res = runner.invoke(
-        app,
-        [
-            "run",
-            "--manifest",
-            str(other_m),
-            "--cache",
-            str(other_c),
-            "--out-dir",
-            str(tmp_path / "other_cp"),
-            "--quiet",
-            "--no-plots",
-        ],
-    )
+    res = calibrate_run(other_m, other_c, tmp_path / "other_cp")
     assert res.exit_code == 0, res.output
     res = runner.invoke(
         app,
@@ -255,22 +217,7 @@ def test_missing_png(ds: tuple[Path, Path, Path], tmp_path: Path) -> None:
 
 def test_no_labels_anywhere(tmp_path: Path) -> None:
     mpath, cpath = make_dataset(tmp_path / "d", n_val=0, cache_splits=("labeled", "unlabeled"))
-    res = runner.invoke(
-        app,
-        [
-            "run",
-            "--manifest",
-            str(mpath),
-            "--cache",
-            str(cpath),
-            "--out-dir",
-            str(tmp_path / "cp"),
-            "--quiet",
-            "--no-plots",
-            "--held-out-fraction",
-            "0",
-        ],
-    )
+    res = calibrate_run(mpath, cpath, tmp_path / "cp", "--held-out-fraction", "0")
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["evaluate", str(tmp_path / "cp"), "--quiet"])
     one_line_error(res, "no image to compare with")

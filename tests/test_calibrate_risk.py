@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _calibrate_fixtures import make_dataset
+from _calibrate_fixtures import calibrate_run, make_dataset
 from typer.testing import CliRunner
 
 from annotate import open_cache
 from calibrate import risk as R
-from calibrate.cli import app
 from data_manifest import load
 from data_manifest.io import read_label_png
 
@@ -200,23 +199,7 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def invoke(mpath: Path, cpath: Path, out: Path, *args: str) -> object:
-    return runner.invoke(
-        app,
-        [
-            "run",
-            "--manifest",
-            str(mpath),
-            "--cache",
-            str(cpath),
-            "--out-dir",
-            str(out),
-            "--quiet",
-            "--no-plots",
-            "--method",
-            "risk",
-            *args,
-        ],
-    )
+    return calibrate_run(mpath, cpath, out, "--method", "risk", *args)
 
 
 def numpy_losses(mpath: Path, cpath: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
