@@ -227,10 +227,17 @@ def load_torch(
 def load_demo(cfg: AnnotateConfig, manifest: Manifest) -> NetAnnotator:
     """The ``demo`` backend: the torch backend on the demo annotator checkpoint.
 
-    When the checkpoint is absent it is trained first by running
-    ``python -m train fit --config <demo_train_config>`` (a few minutes on a CPU).
+    When the default checkpoint (``data/demo/annotator/best.pt``) is absent it is trained first
+    by running ``python -m train fit --config <demo_train_config>`` (a few minutes on a CPU);
+    any other missing ``model`` is an error.
     """
     path = Path(cfg.model or DEMO_MODEL)
+    if not path.is_file() and path != Path(DEMO_MODEL):
+        # only the default checkpoint is trained on demand: the training config writes there
+        raise UserError(
+            f"[annotate] model = {str(path)!r}: file not found; expected a demo annotator "
+            f"checkpoint (leave model unset to use, and train once, {DEMO_MODEL})"
+        )
     if not path.is_file():
         train_cfg = Path(cfg.demo_train_config)
         if not train_cfg.is_file():

@@ -166,11 +166,9 @@ def cache_meta(
         normalization=vocab.output_normalization(annotator.normalization),  # type: ignore[arg-type]
         resolution=cfg.resolution,
         topk=k,
-        extra={
-            "settings": settings,
-            "model": annotator.extra,
-            "manifest": str(manifest.path) if manifest.path else "",
-        },
+        # no manifest path: the fingerprint identifies it, and a path would make two caches
+        # of the same images differ by where they were made
+        extra={"settings": settings, "model": annotator.extra},
     )
 
 

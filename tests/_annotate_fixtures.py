@@ -23,12 +23,13 @@ def make_dataset(
     n_val: int = 2,
     size: tuple[int, int] = (20, 28),
     classes: list[str] | None = None,
-    ids_with_slash: bool = False,
+    odd_ids: bool = False,
     sizes: list[tuple[int, int]] | None = None,
 ) -> Path:
     """Write random PNG images (+ labels for labeled/val) and a manifest; return its path.
 
-    Image ``j`` (over all splits) has size ``sizes[j]`` if given, else ``size``.
+    Image ``j`` (over all splits) has size ``sizes[j]`` if given, else ``size``. ``odd_ids``
+    gives ids with a space, '#' and '%' (legal file names that a Zarr key must quote).
     """
     classes = classes or CLASSES
     palette = (PALETTE + [[10 * i, 5 * i, 3 * i] for i in range(3, 256)])[: len(classes)]
@@ -39,7 +40,7 @@ def make_dataset(
             h, w = sizes[j] if sizes else size
             rng = np.random.default_rng(100 + j)
             name = f"{split[0]}{i:02d}"
-            image_id = f"city/{name}" if ids_with_slash else name
+            image_id = f"city #{name}%" if odd_ids else name  # cache keys must quote these
             img_rel = f"images/{image_id}.png"
             (root / img_rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / img_rel)

@@ -117,13 +117,10 @@ def test_trainer_checkpoint_and_demo_backend(tmp_path):
     np.testing.assert_allclose(cache.probs(row.id), want, atol=4e-3)
 
 
-def test_demo_backend_without_checkpoint_or_train_config(tmp_path):
+def test_demo_backend_without_checkpoint_or_train_config(tmp_path, monkeypatch):
     man = make_dataset(tmp_path / "ds", 1, 0, 0)
-    cfg = AnnotateConfig(
-        annotator="demo",
-        model=str(tmp_path / "absent.pt"),
-        demo_train_config=str(tmp_path / "none.toml"),
-    )
+    monkeypatch.chdir(tmp_path)  # no data/demo/annotator/best.pt here
+    cfg = AnnotateConfig(annotator="demo", demo_train_config=str(tmp_path / "none.toml"))
     with pytest.raises(
         UserError,
         match=r"demo_train_config = '.*none.toml': file not found; "
@@ -132,9 +129,21 @@ def test_demo_backend_without_checkpoint_or_train_config(tmp_path):
         build_annotator(cfg, data_manifest.load(man))
 
 
+def test_demo_backend_trains_only_the_default_checkpoint(tmp_path, monkeypatch):
+    """A misspelled model path is an error; training would write the default path only."""
+    man = make_dataset(tmp_path / "ds", 1, 0, 0)
+    monkeypatch.setattr("annotate.annotators.subprocess.run", lambda *a, **k: 1 / 0)
+    cfg = AnnotateConfig(annotator="demo", model=str(tmp_path / "best.ptt"))
+    with pytest.raises(
+        UserError, match=r"model = '.*best.ptt': file not found; expected a demo annotator"
+    ):
+        build_annotator(cfg, data_manifest.load(man))
+
+
 def test_demo_backend_trains_missing_annotator_in_a_subprocess(tmp_path, monkeypatch):
     man = make_dataset(tmp_path / "ds", 1, 0, 0)
-    target = tmp_path / "annot" / "best.pt"
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "data" / "demo" / "annotator" / "best.pt"
     train_cfg = tmp_path / "demo_annotator.toml"
     train_cfg.write_text("run_dir = 'x'\n")
     calls = []
@@ -149,7 +158,7 @@ def test_demo_backend_trains_missing_annotator_in_a_subprocess(tmp_path, monkeyp
         return P()
 
     monkeypatch.setattr("annotate.annotators.subprocess.run", fake_run)
-    cfg = AnnotateConfig(annotator="demo", model=str(target), demo_train_config=str(train_cfg))
+    cfg = AnnotateConfig(annotator="demo", demo_train_config=str(train_cfg))
     ann = build_annotator(cfg, data_manifest.load(man))
     assert calls[0][1:] == ["-m", "train", "fit", "--config", str(train_cfg)]
     assert ann.name == "demo" and ann.classes == tuple(CLASSES)

@@ -23,11 +23,40 @@ def voc(tmp_path: Path) -> tuple[Path, Path]:
     return root, out
 
 
-def _edit_rows(path: Path, fn) -> None:
+def _edit_rows(path: Path, fn, keep_fingerprint: bool = False) -> None:
+    """Edit the rows by hand; the stale fingerprint is dropped unless ``keep_fingerprint``
+    (a manifest without one is accepted as written by hand)."""
     lines = path.read_text().splitlines()
+    meta = json.loads(lines[0])
+    if not keep_fingerprint:
+        meta["meta"]["fingerprint"] = ""
     rows = [json.loads(ln) for ln in lines[1:]]
     rows = fn(rows)
-    path.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n")
+    path.write_text("\n".join([json.dumps(meta), *(json.dumps(r) for r in rows)]) + "\n")
+
+
+def test_stale_fingerprint_is_a_problem_and_can_be_updated(voc) -> None:
+    _, path = voc
+    before = data_manifest.load(path).fingerprint
+    _edit_rows(
+        path,
+        lambda rows: [{**r, "split": "labeled"} if r["id"] == "v1" else r for r in rows],
+        keep_fingerprint=True,
+    )
+    msgs = _messages(path)
+    assert len(msgs) == 1
+    assert msgs[0].startswith(f"{path}: meta.fingerprint = '{before[:12]}' but the rows")
+    assert "expected an unchanged manifest" in msgs[0] and "--update-fingerprint" in msgs[0]
+    with pytest.raises(data_manifest.UserError, match="meta.fingerprint = "):
+        data_manifest.load(path)
+    report = validate(path)
+    assert not report.fatal  # --skip-bad may still clean such a manifest
+    from data_manifest.validate import update_fingerprint
+
+    new = update_fingerprint(report)
+    m = data_manifest.load(path)
+    assert m.fingerprint == new != before and m.row("v1").split == "labeled"
+    assert validate(path).ok
 
 
 def _messages(path: Path) -> list[str]:
