@@ -265,6 +265,8 @@ def inspect(
     """Summarise a cache: images, classes, bytes on disk, mean top probability per class."""
     from annotate.inspection import find_cache, summarize
 
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit = {limit}: expected 1 or more images")
     c = find_cache(path)
     s = summarize(c, limit)
     console.print(

@@ -11,7 +11,7 @@ import typer
 from data_manifest import cli_support as cs
 from data_manifest.cli_support import handle_errors
 from data_manifest.errors import UserError
-from data_manifest.manifest import SPLITS, Manifest, load
+from data_manifest.manifest import SPLITS, Manifest, check_manifest_file, load
 
 app = cs.make_app(
     "data_manifest",
@@ -192,6 +192,20 @@ def validate(
     from data_manifest.validate import validate as run_validate
     from data_manifest.validate import write_cleaned
 
+    if skip_bad:  # refuse a clash before the work
+        stem = manifest.name.removesuffix(".jsonl")
+        out = out or manifest.with_name(f"{stem}.clean.jsonl")
+        rejects = rejects or manifest.with_name(f"{stem}.rejects.jsonl")
+        for option, path in (("--out", out), ("--rejects", rejects)):
+            cs.check_not_same_file(
+                path,
+                manifest,
+                f"{option} = {path}: is the manifest being checked; expected "
+                "another file (the manifest itself is never overwritten)",
+            )
+        cs.check_not_same_file(
+            out, rejects, f"--out and --rejects both name {out}; expected two different files"
+        )
     n_rows = max(0, _count_lines(manifest) - 1)
     t0 = time.perf_counter()
     with cs.progress(transient=True) as bar:
@@ -222,19 +236,6 @@ def validate(
             raise UserError(
                 f"{manifest}: problems above are not in rows; --skip-bad cannot fix them"
             )
-        stem = manifest.name.removesuffix(".jsonl")
-        out = out or manifest.with_name(f"{stem}.clean.jsonl")
-        rejects = rejects or manifest.with_name(f"{stem}.rejects.jsonl")
-        for option, path in (("--out", out), ("--rejects", rejects)):
-            cs.check_not_same_file(
-                path,
-                manifest,
-                f"{option} = {path}: is the manifest being checked; expected "
-                "another file (the manifest itself is never overwritten)",
-            )
-        cs.check_not_same_file(
-            out, rejects, f"--out and --rejects both name {out}; expected two different files"
-        )
         n = write_cleaned(report, out, rejects)
         cs.console.print(f"wrote {out} ({len(report.rows) - n} rows) and {rejects} ({n} rejected)")
         return
@@ -243,8 +244,7 @@ def validate(
 
 def _count_lines(path: Path) -> int:
     """Non-empty lines of a manifest (for the progress bar's total)."""
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found")
+    check_manifest_file(path)
     with open(path, "rb") as f:
         return sum(1 for ln in f if ln.strip())
 
@@ -323,6 +323,8 @@ def export(
     """Write the manifest's splits as UniMatch split files (lines 'image_rel label_rel')."""
     from data_manifest.splits import write_unimatch
 
+    cs.check_output_dir(out, "--out")
+    cs.check_output_dir(out.parent, "--out")  # val.txt goes there
     for p in write_unimatch(load(manifest), out):
         cs.console.print(f"wrote {p}")
 

@@ -133,7 +133,8 @@ def os_error_message(exc: OSError) -> str:
     name = exc.filename if exc.filename is not None else ""
     path = Path(os.fsdecode(name)) if name != "" else None
     if path is not None and path.name.startswith(".") and path.name.endswith(".tmp"):
-        path = path.parent
+        # renaming the temporary file over its target failed: name the target
+        path = Path(os.fsdecode(exc.filename2)) if exc.filename2 else path.parent
     reason = (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
     reason = reason[:1].lower() + reason[1:]
     expected = _EXPECTED.get(exc.errno or 0, "")
@@ -364,19 +365,21 @@ def check_not_same_file(a: str | os.PathLike, b: str | os.PathLike, message: str
 def _torch_load_reason(exc: Exception, path: Path) -> str:
     """Why torch.load failed, in our words (never torch's advice to drop weights_only)."""
     text = str(exc)
-    if "Weights only load failed" in text or "weights_only" in text:
-        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", text)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found or "Unsupported global" in text:
         what = f" ({found.group(1)})" if found else ""
         return f"it holds Python objects{what} that a safe load (weights_only=True) refuses"
-    if "central directory" in text or "PytorchStreamReader" in text or "zip archive" in text:
+    if head.startswith(b"PK"):  # torch.save's zip archive
         return "not a PyTorch archive, or a truncated one"
+    if not head.startswith(b"\x80"):  # neither a zip archive nor a pickle (legacy format)
+        return "not a PyTorch file (corrupt, or another format)"
     if isinstance(exc, EOFError) or "Ran out of input" in text:
         return "the file ends too early (truncated)"
-    if "invalid load key" in text or "UnpicklingError" in type(exc).__name__:
-        return "not a PyTorch file (corrupt, or another format)"
     if "CUDA" in text:
-        return f"it needs CUDA, which is not available here ({_first_line(exc)})"
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+        return "it was saved on a CUDA device, and none is available here"
+    return f"not a PyTorch file of tensors ({type(exc).__name__}: {_first_line(exc)[:80]})"
 
 
 def load_torch_file(

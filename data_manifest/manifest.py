@@ -325,6 +325,14 @@ def _parse_row(obj: Any, where: str) -> Row:
     return Row(**obj)
 
 
+def check_manifest_file(path: Path) -> None:
+    """Raise UserError unless ``path`` is an existing file."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a manifest file (manifest.jsonl)")
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found")
+
+
 def load(path: str | os.PathLike) -> Manifest:
     """Read and structurally check a manifest file.
 
@@ -337,12 +345,15 @@ def load(path: str | os.PathLike) -> Manifest:
         UserError: naming the file, the line and the problem.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found")
+    check_manifest_file(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read manifest ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: byte {exc.start} is not UTF-8 text; expected a manifest in JSON lines"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
         raise UserError(f"{path}: manifest is empty; expected a meta line and image rows")

@@ -28,6 +28,7 @@ from data_manifest.manifest import (
     Row,
     _parse_meta,
     _parse_row,
+    check_manifest_file,
     fingerprint_problem,
     reduce_zero_label,
 )
@@ -181,12 +182,15 @@ def validate(
             is collected in the report.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found")
+    check_manifest_file(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read manifest ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: byte {exc.start} is not UTF-8 text; expected a manifest in JSON lines"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
     report = Report(path=path, meta=None, rows={}, raw={})
     problems = report.problems
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]

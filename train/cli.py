@@ -17,9 +17,9 @@ from data_manifest.cli_support import (
     progress,
     rate_text,
 )
-from data_manifest.config import load_config, parse_section, run_dir, section_dict
+from data_manifest.config import load_config, locate, parse_section, run_dir, section_dict
 from data_manifest.errors import UserError
-from data_manifest.manifest import Manifest, id_path, load
+from data_manifest.manifest import SPLITS, Manifest, id_path, load
 from train.config import TrainConfig
 
 app = make_app(
@@ -91,19 +91,16 @@ def fit(
     miou.png and final.json. Under torchrun every process runs this command (DDP).
     """
     cfg = load_config(config)
-    tcfg = parse_section(
-        cfg,
-        "train",
-        TrainConfig,
-        overrides={
-            "out": out,
-            "pseudo_dir": pseudo_dir,
-            "stage2": stage2,
-            "labeled_only": labeled_only,
-            "device": device,
-            "workers": workers,
-        },
-    )
+    overrides = {
+        "out": out,
+        "pseudo_dir": pseudo_dir,
+        "stage2": stage2,
+        "labeled_only": labeled_only,
+        "device": device,
+        "workers": workers,
+    }
+    options = {"stage2": "--stage2", "labeled_only": "--labeled-only"}
+    tcfg = parse_section(cfg, "train", TrainConfig, overrides=overrides, options=options)
     rd = run_dir(cfg, run_dir_opt)
     seed_value = _seed(cfg, seed)
     out_dir = Path(tcfg.out) if tcfg.out else rd / "train"
@@ -121,16 +118,22 @@ def fit(
     }
     from train.engine import fit as run_fit
 
-    run_fit(
-        tcfg,
-        manifest=m,
-        out=out_dir,
-        pseudo_dir=pdir,
-        seed=seed_value,
-        resume=resume,
-        resolved=resolved,
-        show_progress=not is_quiet(),
-    )
+    try:
+        run_fit(
+            tcfg,
+            manifest=m,
+            out=out_dir,
+            pseudo_dir=pdir,
+            seed=seed_value,
+            resume=resume,
+            resolved=resolved,
+            show_progress=not is_quiet(),
+        )
+    except UserError as exc:  # "[train] key = ...": name the option or the config file
+        if not str(exc).startswith("[train] "):
+            raise
+        given = [k for k, v in overrides.items() if v is not None]
+        raise UserError(locate(str(exc), cfg, "train", given, options)) from None
     if not is_quiet() and os.environ.get("RANK", "0") == "0":
         console.print(
             f"[bold]results:[/] {out_dir}/ (final.json: per-class IoU; best.pt, latest.pt; "
@@ -142,7 +145,9 @@ def fit(
             )
 
 
-def _check_inference_options(mode: str, crop: int, stride: int, device: str) -> None:
+def _check_inference_options(split: str, mode: str, crop: int, stride: int, device: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"--split = {split!r}: expected one of {', '.join(SPLITS)}")
     if mode not in ("whole", "sliding"):
         raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
     for name, value in (("--crop", crop), ("--stride", stride)):
@@ -204,7 +209,7 @@ def evaluate(
     from train.engine import evaluate_rows, print_iou_table
     from train.metrics import summarize
 
-    _check_inference_options(mode, crop, stride, device)
+    _check_inference_options(split, mode, crop, stride, device)
     if out is not None:
         if out.is_dir():
             raise UserError(f"--out = {out}: is a folder; expected the path of a JSON file")
@@ -254,7 +259,7 @@ def predict(
     from data_manifest.io import write_label_png
     from train.inference import normalize, predict_logits
 
-    _check_inference_options(mode, crop, stride, device)
+    _check_inference_options(split, mode, crop, stride, device)
     if limit < 0:
         raise UserError(f"--limit = {limit}: expected 0 (all images) or more")
     cfg = load_config(config)
