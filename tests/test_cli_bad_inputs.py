@@ -114,6 +114,9 @@ def _checkpoints(root: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, root / "not_ours.pt")
     torch.save({"model": {}, "info": {**info, "schema": 99}}, root / "schema.pt")
     (root / "a_folder.pt").mkdir()
+    torch.save({"model": {}, "info": {**info, "model_kwargs": {"depth": 3}}}, root / "kwargs.pt")
+    no_classes = {k: v for k, v in info.items() if k != "classes"}
+    torch.save({"model": {}, "info": no_classes}, root / "no_classes.pt")
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +289,11 @@ class Case:
     setup: Callable[[Ctx], None] | None = None
     absent: tuple[str, ...] = ()
     style: str = "error"  # "error": one error line; "problems": validate's report
+
+    @property
+    def needs_no_cuda(self) -> bool:
+        """The case is about CUDA being absent."""
+        return "cuda" in self.name
 
 
 def case(name, tool, args, *fragments, code=1, setup=None, absent=(), style="error") -> Case:
@@ -523,6 +531,43 @@ DATA_MANIFEST = [
         "classes.txt",
         setup=lambda c: (c.t / "own" / "images").mkdir(parents=True),
     ),
+    case(
+        "build_folder_long_name",
+        "dm",
+        "build folder {t}/own",
+        "id '" + "y" * 81 + "' is 81 bytes long",
+        setup=lambda c: (
+            (c.t / "own" / "images").mkdir(parents=True),
+            (c.t / "own" / "classes.txt").write_text("background\nthing\n"),
+            shutil.copy(
+                c.w.root / "ds" / "images" / "lab000.png",
+                c.t / "own" / "images" / ("y" * 81 + ".png"),
+            ),
+        ),
+    ),
+    case(
+        "build_into_read_only_folder",
+        "dm",
+        "build folder {t}/own -o {t}/ro/m.jsonl",
+        "ro: ",
+        "expected a file or folder this user may",
+        setup=lambda c: (
+            (c.t / "own" / "images").mkdir(parents=True),
+            (c.t / "own" / "classes.txt").write_text("background\nthing\n"),
+            shutil.copy(
+                c.w.root / "ds" / "images" / "lab000.png", c.t / "own" / "images" / "a.png"
+            ),
+            locked("ro")(c),
+        ),
+    ),
+    case(
+        "summary_json_read_only",
+        "dm",
+        f"summary {M} --no-pixels --json {{t}}/ro/s.json",
+        "ro: ",
+        "expected a file or folder this user may",
+        setup=locked("ro"),
+    ),
     case("prepare_config_missing", "dm", "prepare --config {t}/no.toml", "no.toml: config file"),
     case(
         "prepare_config_bad_toml",
@@ -594,6 +639,27 @@ ANNOTATE = [
         "an",
         f"run {CFG} --annotator sam",
         "--annotator = 'sam'; expected one of 'demo', 'torch', 'hf', 'seem'",
+    ),
+    case(
+        "device_cuda_missing",
+        "an",
+        f"run {CFG} --device cuda",
+        "--device = 'cuda': CUDA is not available on this machine",
+        absent=("run.toml",),
+    ),
+    case(
+        "hf_model_missing",
+        "an",
+        f"run {CFG} --annotator hf --model {{t}}/no_model",
+        "--model = ",
+        "expected a folder with a transformers config.json",
+    ),
+    case(
+        "seem_root_missing",
+        "an",
+        "run --config {t}/c.toml --annotator seem --model {t}/seem.pt",
+        "c.toml: [annotate] seem_root = 'nowhere': folder not found; expected a clone of SEEM",
+        setup=config("annotate", 'seem_root = "nowhere"'),
     ),
     case("scheduler_bad", "an", f"run {CFG} --scheduler local:x", "--scheduler = 'local:x'"),
     case("shards_negative", "an", f"run {CFG} --shards -1", "--shards = -1: expected 0"),
@@ -1015,6 +1081,33 @@ TRAIN = [
         "expected a checkpoint written for this architecture",
     ),
     case(
+        "checkpoint_bad_model_kwargs",
+        "tr",
+        f"evaluate {CFG} --checkpoint {{w}}/kwargs.pt",
+        "kwargs.pt: info describes no model this trainer can build",
+        "expected a checkpoint written by python -m train fit",
+    ),
+    case(
+        "checkpoint_without_classes",
+        "tr",
+        f"predict {CFG} --checkpoint {{w}}/no_classes.pt --out {{t}}/p",
+        "no_classes.pt: info.classes is missing",
+    ),
+    case(
+        "fit_device_cuda_missing",
+        "tr",
+        f"fit {CFG} --device cuda --out {{t}}/o",
+        "--device = 'cuda': no CUDA device is available",
+    ),
+    case(
+        "export_splits_read_only",
+        "tr",
+        f"export-splits {CFG} --pseudo-dir {{w}}/pseudo --out {{t}}/ro",
+        "--out = ",
+        "not writable",
+        setup=locked("ro"),
+    ),
+    case(
         "checkpoint_other_classes",
         "tr",
         f"evaluate {CFG} --checkpoint {{w}}/other_classes.pt",
@@ -1145,6 +1238,8 @@ def test_bad_input(
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
 ) -> None:
+    if c.needs_no_cuda and torch.cuda.is_available():
+        pytest.skip("about a machine without CUDA")
     monkeypatch.chdir(tmp_path)
     if c.setup is not None:
         c.setup(Ctx(world, tmp_path, request))
