@@ -66,6 +66,12 @@ def _env_debug() -> bool:
 def reset_state() -> None:
     """Forget ``--debug``/``--quiet`` of an earlier invocation (one process, several runs)."""
     _state.update(debug=_env_debug(), quiet=False)
+    console.quiet = False
+
+
+def _interactive(c: Console) -> bool:
+    """A terminal or a notebook: somewhere a live display can redraw itself."""
+    return c.is_terminal or c.is_jupyter
 
 
 reset_state()
@@ -93,11 +99,11 @@ def is_quiet() -> bool:
 def configure_output() -> None:
     """Fit the consoles to where their output goes.
 
-    On a terminal: rich's defaults. Elsewhere (a log file, a pipe, a test runner): no soft
-    wrapping and a very wide page, so that paths and messages stay on one line each.
+    On a terminal (or in a notebook): rich's defaults. Elsewhere (a log file, a pipe, a test
+    runner): no soft wrapping and a very wide page, so that every line stays whole.
     """
     for c in (console, err_console):
-        if c.is_terminal:
+        if _interactive(c):
             c.soft_wrap, c._width = False, None  # noqa: SLF001 (rich has no public reset)
         else:
             c.soft_wrap, c.width = True, _LOG_WIDTH
@@ -156,9 +162,9 @@ def _exit_for(exc: BaseException) -> int:
         raise exc
     if isinstance(exc, UserError):
         print_error(str(exc))
-    elif isinstance(exc, BrokenPipeError):  # e.g. `| head`: the reader left; not an error
-        with contextlib.suppress(OSError):
-            sys.stderr.close()
+    elif isinstance(exc, BrokenPipeError):  # `... | head` stopped reading: nothing to say
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no flush error at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     elif isinstance(exc, OSError):
         print_error(os_error_message(exc))
@@ -469,7 +475,7 @@ def progress(transient: bool = False, disable: bool = False) -> Progress:
     the block ends.
     """
     quiet = disable or _state["quiet"]
-    interactive = err_console.is_terminal
+    interactive = _interactive(err_console)
     return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

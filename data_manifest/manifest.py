@@ -333,6 +333,23 @@ def check_manifest_file(path: Path) -> None:
         raise UserError(f"{path}: manifest not found")
 
 
+def read_manifest_text(path: Path) -> str:
+    """The text of a manifest file.
+
+    Raises:
+        UserError: missing, a folder, unreadable, or not UTF-8.
+    """
+    check_manifest_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: byte {exc.start} is not UTF-8 text; expected a manifest in JSON lines"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+
+
 def load(path: str | os.PathLike) -> Manifest:
     """Read and structurally check a manifest file.
 
@@ -345,15 +362,7 @@ def load(path: str | os.PathLike) -> Manifest:
         UserError: naming the file, the line and the problem.
     """
     path = Path(path)
-    check_manifest_file(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: byte {exc.start} is not UTF-8 text; expected a manifest in JSON lines"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+    text = read_manifest_text(path)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
         raise UserError(f"{path}: manifest is empty; expected a meta line and image rows")

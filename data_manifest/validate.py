@@ -28,8 +28,8 @@ from data_manifest.manifest import (
     Row,
     _parse_meta,
     _parse_row,
-    check_manifest_file,
     fingerprint_problem,
+    read_manifest_text,
     reduce_zero_label,
 )
 from data_manifest.splits import sort_rows
@@ -182,15 +182,7 @@ def validate(
             is collected in the report.
     """
     path = Path(path)
-    check_manifest_file(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(
-            f"{path}: byte {exc.start} is not UTF-8 text; expected a manifest in JSON lines"
-        ) from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+    text = read_manifest_text(path)
     report = Report(path=path, meta=None, rows={}, raw={})
     problems = report.problems
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
