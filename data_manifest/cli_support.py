@@ -444,35 +444,55 @@ def state_dict_mismatch(
 
 
 # -- progress and tables -----------------------------------------------------------------------
+LOG_EVERY_S = 60.0  # off a terminal, a running task prints a line at most this often
+
+
 class _Progress(Progress):
-    """rich's Progress; off a terminal it draws nothing and prints one line per task at the end."""
+    """rich's Progress; off a terminal it draws nothing, prints a plain line for a running task
+    every :data:`LOG_EVERY_S` seconds (long runs in a cluster's log show they are alive) and
+    one line per task when the block ends."""
 
     def __init__(self, *columns: Any, plain: bool, **kwargs: Any):
         super().__init__(*columns, **kwargs)
         self._plain = plain
+        self._logged: dict[Any, float] = {}
+
+    def _line(self, task_id: Any) -> str:
+        t = self._tasks[task_id]
+        seconds = t.elapsed or 0.0
+        text = f"{t.description}: {t.completed:.0f}"
+        if t.total is not None:
+            text += f"/{t.total:.0f}"
+        text += f" in {seconds:.1f} s"
+        rate = t.fields.get("rate") or ""
+        return text + (f" ({rate})" if rate else "")
+
+    def update(self, task_id: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().update(task_id, **kwargs)
+        if not self._plain:
+            return
+        now = self.get_time()
+        last = self._logged.setdefault(task_id, now)
+        if now - last >= LOG_EVERY_S and not self._tasks[task_id].finished:
+            self._logged[task_id] = now
+            err_console.print(self._line(task_id) + ", running", highlight=False, markup=False)
+
+    def advance(self, task_id: Any, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         super().__exit__(exc_type, exc, tb)
-        if not self._plain or exc_type is not None:
-            return
-        for t in self.tasks:
-            total = f"/{t.total:.0f}" if t.total is not None else ""
-            seconds = t.elapsed or 0.0
-            rate = t.fields.get("rate") or ""
-            err_console.print(
-                f"{t.description}: {t.completed:.0f}{total} in {seconds:.1f} s"
-                + (f" ({rate})" if rate else ""),
-                highlight=False,
-                markup=False,
-            )
+        if self._plain and exc_type is None:
+            for t in self.tasks:
+                err_console.print(self._line(t.id), highlight=False, markup=False)
 
 
 def progress(transient: bool = False, disable: bool = False) -> Progress:
     """A progress bar with count, rate-based ETA and elapsed time; use as a context manager.
 
     Add ``rate`` to a task's fields (``progress.update(task, rate="12.3 img/s")``) to show it.
-    With ``--quiet`` it shows nothing; off a terminal it prints one plain line per task when
-    the block ends.
+    With ``--quiet`` it shows nothing; off a terminal it prints plain lines instead (one per
+    task at the end, and one a minute while a task runs).
     """
     quiet = disable or _state["quiet"]
     interactive = _interactive(err_console)

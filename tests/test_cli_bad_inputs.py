@@ -1481,3 +1481,25 @@ def test_ctrl_c_in_a_real_process(tmp_path: Path) -> None:
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted; re-run to continue"
     assert "Traceback" not in err
+
+
+def test_progress_off_a_terminal_prints_plain_lines(monkeypatch, capsys) -> None:
+    from data_manifest import cli_support as cs
+
+    monkeypatch.setattr(cs, "LOG_EVERY_S", 0.0)
+    cs.reset_state()
+    with cs.progress() as bar:
+        task = bar.add_task("annotate", total=3, rate="")
+        for i in range(3):
+            bar.update(task, advance=1, rate=f"{i + 1}.0 img/s")
+    err = capsys.readouterr().err.splitlines()
+    assert [re.sub(r"in \d+\.\d s", "in T s", ln) for ln in err] == [
+        "annotate: 1/3 in T s (1.0 img/s), running",
+        "annotate: 2/3 in T s (2.0 img/s), running",
+        "annotate: 3/3 in T s (3.0 img/s)",
+    ]
+    cs.set_quiet(True)
+    with cs.progress() as bar:
+        bar.add_task("silent", total=1, rate="")
+    assert capsys.readouterr().err == ""
+    cs.reset_state()
