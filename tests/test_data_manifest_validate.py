@@ -236,3 +236,19 @@ def test_invalid_json_line(voc) -> None:
     path.write_text(path.read_text() + "{not json\n")
     (msg,) = _messages(path)
     assert msg.startswith(f"{path}:8: not valid JSON")
+
+
+def test_fingerprint_is_the_one_manifests_already_store(voc) -> None:
+    """Independent computation (the definition in the format's docs): sha256 of the canonical
+    JSON of the metadata without root and fingerprint, and of the rows sorted by id."""
+    import hashlib
+
+    _, path = voc
+    lines = path.read_text().splitlines()
+    meta = json.loads(lines[0])["meta"]
+    stored = meta.pop("fingerprint")
+    meta.pop("root")
+    rows = sorted((json.loads(ln) for ln in lines[1:]), key=lambda r: r["id"])
+    body = json.dumps({"meta": meta, "rows": rows}, sort_keys=True, separators=(",", ":"))
+    assert hashlib.sha256(body.encode()).hexdigest() == stored
+    assert data_manifest.load(path).fingerprint == stored
