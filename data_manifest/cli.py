@@ -217,11 +217,11 @@ def validate(
             bar.update(task, rate=cs.rate_text(done, time.perf_counter() - t0, "img"))
 
         report = run_validate(manifest, check_files=files, on_row=tick)
-    if update_fingerprint and report.meta is not None:
-        if all(p.kind == "fingerprint" for p in report.problems):
-            new = store_fingerprint(report)
-            cs.console.print(f"{manifest}: {len(report.rows)} rows, fingerprint {new[:12]} stored")
-            return
+    stale_only = report.problems and all(p.kind == "fingerprint" for p in report.problems)
+    if update_fingerprint and stale_only:
+        new = store_fingerprint(report)
+        cs.console.print(f"{manifest}: {len(report.rows)} rows, fingerprint {new[:12]} stored")
+        return
     for p in report.problems:
         cs.err_console.print(p.message, highlight=False, soft_wrap=True, markup=False)
     if report.ok:
@@ -231,6 +231,11 @@ def validate(
     cs.err_console.print(
         f"{manifest}: {len(report.problems)} problems in {n_bad} rows", highlight=False
     )
+    if update_fingerprint:
+        raise UserError(
+            f"{manifest}: --update-fingerprint stored nothing; expected a manifest whose only "
+            "problem is its fingerprint (fix the problems above first)"
+        )
     if skip_bad:
         if report.fatal:
             raise UserError(

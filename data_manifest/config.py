@@ -124,7 +124,7 @@ def option_name(key: str, options: dict[str, str] | None = None) -> str:
     return (options or {}).get(key) or "--" + key.replace("_", "-")
 
 
-_KEY = re.compile(r"^\[(?P<section>\w+)\] (?P<key>\w+) = ")
+_KEY = re.compile(r"(\w+) = ")
 
 
 def locate(
@@ -144,10 +144,9 @@ def locate(
     body = message
     if body.startswith(f"[{section}] "):
         body = body[len(section) + 3 :]
-    m = _KEY.match(f"[{section}] {body}")
-    if m and m.group("key") in set(given):
-        key = m.group("key")
-        return option_name(key, options) + body[len(key) :]
+    m = _KEY.match(body)
+    if m and m.group(1) in set(given):
+        return option_name(m.group(1), options) + body[len(m.group(1)) :]
     source = cfg.get("_source")
     if source is None:  # no config file: defaults (or a value the command itself filled in)
         return f"[{section}] {body}"

@@ -252,3 +252,26 @@ def test_fingerprint_is_the_one_manifests_already_store(voc) -> None:
     body = json.dumps({"meta": meta, "rows": rows}, sort_keys=True, separators=(",", ":"))
     assert hashlib.sha256(body.encode()).hexdigest() == stored
     assert data_manifest.load(path).fingerprint == stored
+
+
+def test_update_fingerprint_through_the_command_line(voc) -> None:
+    from typer.testing import CliRunner
+
+    from data_manifest.cli import app
+
+    root, path = voc
+    _edit_rows(
+        path,
+        lambda rows: [{**r, "split": "labeled"} if r["id"] == "v1" else r for r in rows],
+        keep_fingerprint=True,
+    )
+    (root / "JPEGImages" / "u1.jpg").unlink()  # another problem: nothing is stored
+    before = path.read_bytes()
+    r = CliRunner().invoke(app, ["validate", str(path), "--update-fingerprint"])
+    assert r.exit_code == 1 and "--update-fingerprint stored nothing" in r.stderr
+    assert path.read_bytes() == before
+    _edit_rows(path, lambda rows: [r for r in rows if r["id"] != "u1"], keep_fingerprint=True)
+    r = CliRunner().invoke(app, ["validate", str(path), "--update-fingerprint"])
+    assert r.exit_code == 0 and "fingerprint" in r.stdout and "stored" in r.stdout
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
+    assert data_manifest.load(path).row("v1").split == "labeled"
