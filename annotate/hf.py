@@ -30,6 +30,7 @@ image, so the cache maps them back to the image by a plain resize. Class names c
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,20 +153,29 @@ class Preprocessing:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float32 (B, 3, h, w) pixel values for the model."""
-        import torch
 
         h, w = images.shape[-2:]
         x = resize_images(images, self.output_size(int(h), int(w)), self.resample)
         if self.rescale_factor:
             x = x * self.rescale_factor
         if self.mean:
-            mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            mean, std = _channel_stats(self.mean, self.std, x.device)
             x = (x - mean) / std
         return x
 
     def describe(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple, std: tuple, device: Any) -> tuple[Any, Any]:
+    """mean and std as float32 (1, 3, 1, 1) tensors on ``device``, made once per device."""
+    import torch
+
+    def t(v: tuple) -> Any:
+        return torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    return t(mean), t(std)
 
 
 def aspect_size(height: int, width: int, shortest: int, longest: int) -> tuple[int, int]:

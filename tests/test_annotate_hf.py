@@ -502,8 +502,11 @@ def test_hf_backends_on_cuda_with_amp(data, segformer, clipseg, model, tmp_path)
         )
         folder = _save(_mask2former(), tmp_path / "m2f", proc)
     caches = {}
+    vocab = {} if model == "clipseg" else {"background": ["wall", "sky"]}
     for device, amp in (("cpu", False), ("cuda", True)):
-        cfg = AnnotateConfig(annotator="hf", model=str(folder), device=device, amp=amp, topk=0)
+        cfg = AnnotateConfig(
+            annotator="hf", model=str(folder), device=device, amp=amp, topk=0, vocabulary=vocab
+        )
         run_annotation(cfg, m, tmp_path / f"{device}.zarr")
         caches[device] = open_cache(tmp_path / f"{device}.zarr")
     ann = _annotator(folder, m)
@@ -512,8 +515,8 @@ def test_hf_backends_on_cuda_with_amp(data, segformer, clipseg, model, tmp_path)
         out = ann.predict(_batch([m.read_image(m.rows[0])]).cuda())
     assert out.device.type == "cuda"
     for row in m.rows:
-        a, b = caches["cpu"].probs(row.id), caches["cuda"].probs(row.id)
-        assert np.abs(a - b).max() < 0.02  # float16 autocast against float32
+        d = np.abs(caches["cpu"].probs(row.id) - caches["cuda"].probs(row.id))
+        assert d.mean() < 5e-3 and d.max() < 0.05  # float16 autocast against float32
 
 
 @pytest.mark.gpu
@@ -529,8 +532,8 @@ def test_annotate_run_command_on_cuda(data, segformer, tmp_path):
         model=str(segformer[2]),
         device="cuda",
         amp=True,
-        vocabulary={"background": ["wall", "sky"]},
     )
+    conf.write_text(conf.read_text() + '[annotate.vocabulary]\nbackground = ["wall", "sky"]\n')
     r = subprocess.run(
         [sys.executable, "-m", "annotate", "run", "--config", str(conf), "--no-progress"],
         cwd=REPO,

@@ -97,15 +97,13 @@ def _checkpoint(tmp: Path, tokenizer: Path, conf: Path = CONFIG) -> Path:
 
 
 def _cfg(ckpt: Path, tokenizer: Path, conf: Path = CONFIG, **kw) -> AnnotateConfig:
-    kw = {"device": "cuda:1", "input_short_side": 0, **kw}
+    kw = {"device": "cuda:1", "input_short_side": 0, "batch_size": 2, "amp": False, **kw}
     return AnnotateConfig(
         annotator="seem",
         seem_root=str(DOUBLE),
         seem_config=str(conf),
         model=str(ckpt),
         seem_tokenizer=str(tokenizer),
-        batch_size=2,
-        amp=False,
         topk=0,
         **kw,
     )
@@ -239,8 +237,8 @@ def _reference(net, image: np.ndarray, resized: np.ndarray, column: str) -> np.n
     else:
         none = post(torch.einsum("q,qhw->hw", p_none, masks.sigmoid())[None])[0]
     if column == "background":
-        return torch.cat([sem, none[None]]).numpy()
-    return sem.numpy()
+        return torch.cat([sem, none[None]]).float().cpu().numpy()
+    return sem.float().cpu().numpy()
 
 
 @pytest.mark.parametrize("before_inference", [False, True])
@@ -474,10 +472,9 @@ def test_seem_double_on_real_cuda(tmp_path, double, tokenizer, index, amp):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_annotate_run_command_with_seem_double_on_cuda(tmp_path, tokenizer):
+def test_annotate_run_command_with_seem_double_on_cuda(tmp_path, double, tokenizer):
     """``python -m annotate run`` in a fresh process, SEEM's double on CUDA with AMP."""
-    _forget_double()
-    ckpt = _gpu_checkpoint(tmp_path, tokenizer)
+    ckpt = _checkpoint(tmp_path, tokenizer)
     man = make_dataset(tmp_path / "ds", 2, 3, 1, size=(60, 90))
     conf = write_config(
         tmp_path / "run.toml",
@@ -510,14 +507,6 @@ def test_annotate_run_command_with_seem_double_on_cuda(tmp_path, tokenizer):
     p = cache.probs("l00")
     assert p.shape == (3, 60, 90) and np.isfinite(p).all()
     np.testing.assert_allclose(p.sum(0), 1.0, atol=2e-3)
-
-
-def _gpu_checkpoint(tmp: Path, tokenizer: Path) -> Path:
-    sys.modules.setdefault("mpi4py", types.SimpleNamespace(MPI=None))
-    try:
-        return _checkpoint(tmp, tokenizer)
-    finally:
-        _forget_double()
 
 
 @pytest.mark.seem
