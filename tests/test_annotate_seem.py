@@ -109,6 +109,21 @@ def _cfg(ckpt: Path, tokenizer: Path, conf: Path = CONFIG, **kw) -> AnnotateConf
     )
 
 
+def _run_config(tmp: Path, manifest: Path, ckpt: Path, tokenizer: Path, **kw) -> Path:
+    """A run config (run folder tmp/run) for SEEM's double."""
+    return write_config(
+        tmp / "run.toml",
+        tmp / "run",
+        manifest,
+        annotator="seem",
+        seem_root=str(DOUBLE),
+        seem_config=str(CONFIG),
+        model=str(ckpt),
+        seem_tokenizer=str(tokenizer),
+        **kw,
+    )
+
+
 def _texts(monkeypatch, cuda: FakeCuda | None = None) -> list[list[str]]:
     """Record the names each get_text_embeddings call embeds (and an ("embed",) event)."""
     sys.path.insert(0, str(DOUBLE))
@@ -192,17 +207,7 @@ def test_seem_on_cpu_is_one_clear_line_from_the_command_line(tmp_path, double, t
     man = make_dataset(tmp_path / "ds", 1, 0, 0)
     ckpt = tmp_path / "empty.pt"
     torch.save({}, ckpt)
-    conf = write_config(
-        tmp_path / "run.toml",
-        tmp_path / "run",
-        man,
-        annotator="seem",
-        seem_root=str(DOUBLE),
-        seem_config=str(CONFIG),
-        model=str(ckpt),
-        seem_tokenizer=str(tokenizer),
-        device="cpu",
-    )
+    conf = _run_config(tmp_path, man, ckpt, tokenizer, device="cpu")
     r = CliRunner().invoke(app, ["run", "--config", str(conf), "--no-progress"])
     assert r.exit_code == 1
     lines = [x for x in r.output.splitlines() if x.strip()]
@@ -476,19 +481,7 @@ def test_annotate_run_command_with_seem_double_on_cuda(tmp_path, double, tokeniz
     """``python -m annotate run`` in a fresh process, SEEM's double on CUDA with AMP."""
     ckpt = _checkpoint(tmp_path, tokenizer)
     man = make_dataset(tmp_path / "ds", 2, 3, 1, size=(60, 90))
-    conf = write_config(
-        tmp_path / "run.toml",
-        tmp_path / "run",
-        man,
-        annotator="seem",
-        seem_root=str(DOUBLE),
-        seem_config=str(CONFIG),
-        model=str(ckpt),
-        seem_tokenizer=str(tokenizer),
-        device="cuda",
-        amp=True,
-        input_short_side=96,
-    )
+    conf = _run_config(tmp_path, man, ckpt, tokenizer, device="cuda", amp=True, input_short_side=96)
     stubs = tmp_path / "stubs" / "mpi4py"
     stubs.mkdir(parents=True)
     (stubs / "__init__.py").write_text("MPI = None\n")

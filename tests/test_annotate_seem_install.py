@@ -40,21 +40,20 @@ LINES = [
     "git+https://github.com/someone/needed-thing.git@v2",
     "timm>=0.9",
 ]
+KEPT = [
+    "timm",
+    "fvcore",
+    "kornia",
+    "mpi4py",
+    "pycocotools",
+    'nltk[twitter]; python_version >= "3.8"',
+    "einops",
+]
 
 
 def test_filter_keeps_inference_needs_unpinned_and_sets_detectron2_apart():
     f = filter_requirements(LINES)
-    assert f.keep == [
-        "timm",
-        "fvcore",
-        "kornia",
-        "mpi4py",
-        "pycocotools",
-        'nltk[twitter]; python_version >= "3.8"',
-        "einops",
-        "git+https://github.com/someone/needed-thing.git@v2",
-        *EXTRA,
-    ]
+    assert f.keep == [*KEPT, "git+https://github.com/someone/needed-thing.git@v2", *EXTRA]
     assert "setuptools" in EXTRA and "scipy" in EXTRA and "mpich" in EXTRA
     assert f.build == [f"git+https://github.com/{DETECTRON2_FORK}.git"]
     dropped = dict(f.dropped)
@@ -99,16 +98,7 @@ def test_command_writes_both_files_and_prints_the_commands(tmp_path):
     r = CliRunner().invoke(app, ["seem-requirements", str(seem), "--out", str(out)])
     assert r.exit_code == 0, r.output
     req = (out / "seem-requirements.txt").read_text().splitlines()
-    assert [x for x in req if not x.startswith("#")] == [
-        "timm",
-        "fvcore",
-        "kornia",
-        "mpi4py",
-        "pycocotools",
-        'nltk[twitter]; python_version >= "3.8"',
-        "einops",
-        *EXTRA,
-    ]
+    assert [x for x in req if not x.startswith("#")] == [*KEPT, *EXTRA]
     assert "#   numpy==1.23.1: this project's (SEEM pins 1.23)" in req
     con = (out / "seem-constraints.txt").read_text().splitlines()
     assert f"numpy=={md.version('numpy')}" in con
