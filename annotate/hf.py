@@ -211,7 +211,7 @@ def read_preprocessing(
     """
     f = folder / "preprocessor_config.json"
     if not f.is_file():
-        d: dict[str, Any] = {"do_resize": False}
+        d: dict[str, Any] = {"do_resize": False, "size_divisor": 0}
         kind = default_type
     else:
         try:
@@ -223,7 +223,10 @@ def read_preprocessing(
         kind = str(d.get("image_processor_type") or default_type)
     kind = kind.removesuffix("Fast").removesuffix("Pil")
     base = PROCESSOR_DEFAULTS.get(kind, fallback or {})
-    get = lambda key, default=None: d[key] if d.get(key) is not None else base.get(key, default)  # noqa: E731
+
+    def get(key: str, default: Any = None) -> Any:
+        return d[key] if d.get(key) is not None else base.get(key, default)
+
     for key in UNSUPPORTED:
         if d.get(key) and not (key == "do_pad" and base.get("batch_pad")):
             raise UserError(

@@ -17,6 +17,7 @@ from _annotate_fixtures import make_dataset, write_config
 
 import data_manifest
 from annotate import open_cache
+from annotate.annotators import IMAGENET_MEAN
 from annotate.config import AnnotateConfig
 from annotate.hf import NO_PROMPT, Preprocessing, load_hf_annotator, read_preprocessing
 from annotate.run import run_annotation
@@ -238,7 +239,8 @@ def test_preprocessing_defaults_and_refusals(tmp_path):
         )
     )
     assert read_preprocessing(tmp_path).output_size(100, 300) == (224, 608)  # 200x600 -> /32
-    assert read_preprocessing(tmp_path / "none").describe()["height"] == 0  # no file: no resize
+    none = read_preprocessing(tmp_path / "none", "Mask2FormerImageProcessor")  # no file
+    assert none.output_size(45, 70) == (45, 70) and none.mean == tuple(IMAGENET_MEAN)
     for d, msg in [
         ({"do_center_crop": True}, "do_center_crop = True is not supported"),
         ({"resample": 4}, "resample = 4 is not supported"),
