@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 NO_OBJECT = "<no object>"  # our name for the channel of SEEM's no-object column
 NO_OBJECT_TEXT = "background"  # the text SEEM's scripts append as the no-object slot
-TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what CLIPTokenizer.from_pretrained reads
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # CLIP's BPE files (or its tokenizer.json)
 INSTALL_HINT = (
     "SEEM's code is not importable: set [annotate] seem_root to a checkout of "
     "https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once (v1.0) and install "
@@ -224,11 +224,11 @@ class SeemAnnotator:
 
 
 def check_tokenizer(folder: str) -> Path:
-    """``[annotate] seem_tokenizer``: a folder with the CLIP tokenizer's files.
+    """``[annotate] seem_tokenizer``: a folder with the CLIP tokenizer's files, either
+    ``tokenizer.json`` (what transformers 5 saves) or ``vocab.json`` and ``merges.txt``.
 
     Raises:
-        UserError: the folder is missing, or lacks ``vocab.json``/``merges.txt``, or its
-            ``vocab.json`` is not JSON.
+        UserError: the folder is missing, has neither, or holds a file that is not JSON.
     """
     path = Path(folder)
     if not path.is_dir():
@@ -236,16 +236,19 @@ def check_tokenizer(folder: str) -> Path:
             f"[annotate] seem_tokenizer = {folder!r}: folder not found; expected a local copy "
             "of the openai/clip-vit-base-patch32 tokenizer (docs/annotate.md)"
         )
-    missing = [f for f in TOKENIZER_FILES if not (path / f).is_file()]
-    if missing:
+    if not (path / "tokenizer.json").is_file() and not all(
+        (path / f).is_file() for f in TOKENIZER_FILES
+    ):
         raise UserError(
-            f"[annotate] seem_tokenizer = {folder!r}: {', '.join(missing)} missing; expected "
-            "the CLIP tokenizer's vocab.json and merges.txt (docs/annotate.md)"
+            f"[annotate] seem_tokenizer = {folder!r}: no tokenizer files; expected the CLIP "
+            "tokenizer's tokenizer.json, or vocab.json and merges.txt (docs/annotate.md)"
         )
-    try:
-        json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path / 'vocab.json'}: not valid JSON ({exc})") from None
+    for name in ("tokenizer.json", "vocab.json"):
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UserError(f"{path / name}: not valid JSON ({exc})") from None
     return path
 
 

@@ -408,12 +408,22 @@ def test_tokenizer_folder_is_checked(tmp_path, double, cuda, tokenizer, monkeypa
     half = tmp_path / "half"
     half.mkdir()
     (half / "vocab.json").write_text("{}")
-    assert "merges.txt missing; expected the CLIP tokenizer's vocab.json and merges.txt" in error(
-        str(half)
+    assert "no tokenizer files; expected the CLIP tokenizer's tokenizer.json, or vocab.json" in (
+        error(str(half))
     )
     (half / "merges.txt").write_text("")
     (half / "vocab.json").write_text("{not json")
     assert "vocab.json: not valid JSON" in error(str(half))
+    # a folder saved by transformers 5 (tokenizer.json only) is what SEEM then reads
+    from transformers import CLIPTokenizer
+
+    saved = tmp_path / "saved"
+    CLIPTokenizer.from_pretrained(str(tokenizer)).save_pretrained(saved)
+    assert not (saved / "vocab.json").exists()
+    ann = load_seem_annotator(_cfg(ckpt, saved), m)
+    assert ann.model.model.sem_seg_head.predictor.lang_encoder.tokenizer.tokenize("cat") == [
+        "cat</w>"
+    ]
     # no folder set and no network: transformers 5 gives SEEM an empty tokenizer (no error)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     with pytest.raises(UserError) as exc:
