@@ -326,3 +326,43 @@ def show(
     check_output_dir(out.parent, "--out")
     written = render_show(c, image_id, out, manifest)
     console.print(f"wrote {written}", highlight=False)
+
+
+@app.command("seem-requirements")
+@handle_errors
+def seem_requirements(
+    seem_root: Annotated[Path, typer.Argument(help="A checkout of SEEM's repository (v1.0).")],
+    out: Annotated[
+        Path, typer.Option(help="Folder for seem-requirements.txt and seem-constraints.txt.")
+    ] = Path("."),
+) -> None:
+    """Write SEEM's requirements without its pins (and a constraints file that keeps this
+    project's installed versions); print the commands that install SEEM next to it."""
+    from annotate.seem_install import (
+        constraints,
+        filter_requirements,
+        read_seem_requirements,
+        render,
+    )
+    from data_manifest.io import atomic_write_text
+
+    filtered = filter_requirements(read_seem_requirements(seem_root), str(seem_root))
+    out.mkdir(parents=True, exist_ok=True)
+    req, con = out / "seem-requirements.txt", out / "seem-constraints.txt"
+    atomic_write_text(req, render(filtered, seem_root))
+    atomic_write_text(con, "\n".join(constraints()) + "\n")
+    from rich.markup import escape
+
+    rows = [[escape(line), "left out", escape(why)] for line, why in filtered.dropped]
+    rows += [[line, "built separately", "against the installed torch"] for line in filtered.build]
+    rows += [[name, "added", escape(why)] for name, why in filtered.extra]
+    console.print(table("SEEM's requirements", ["requirement", "", "why"], rows))
+    build = " ".join(f"'{b}'" for b in filtered.build)
+    console.print(
+        f"wrote {req} ({len(filtered.keep)} packages, unpinned) and {con}\n"
+        "install SEEM's requirements next to this project with:\n"
+        f"  pip install -r {req} -c {con}\n"
+        + (f"  pip install --no-build-isolation -c {con} {build}\n" if build else ""),
+        highlight=False,
+        soft_wrap=True,
+    )

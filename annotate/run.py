@@ -158,6 +158,8 @@ def cache_meta(
     """The cache metadata of a run (equal metadata = results that may share a cache)."""
     k = auto_topk(len(manifest.classes)) if cfg.topk == -1 else cfg.topk
     settings = {"input_size": list(cfg.input_size), "vocabulary": vocab.describe()}
+    if annotator.extra.get("preprocessing"):  # resizing and scaling done inside the annotator
+        settings["preprocessing"] = annotator.extra["preprocessing"]
     return CacheMeta(
         classes=tuple(manifest.classes),
         annotator=annotator.name,

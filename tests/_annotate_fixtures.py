@@ -124,3 +124,34 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def _byte_chars() -> list[str]:
+    """The 256 characters CLIP's byte-level BPE uses for the bytes 0-255 (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """A tiny CLIP BPE tokenizer (vocab.json + merges.txt, as CLIPTokenizer reads them): every
+    byte, every byte at a word end, and merges that make each of ``words`` one token."""
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges: list[str] = []
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            if f"{a} {b}" not in merges:
+                merges.append(f"{a} {b}")
+                vocab.setdefault(a + b, len(vocab))
+            pieces = [a + b, *pieces[2:]]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
