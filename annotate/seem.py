@@ -252,21 +252,28 @@ def check_tokenizer(folder: str) -> Path:
     return path
 
 
+def _seem_checkout(seem_root: str) -> Path | None:
+    """The resolved SEEM checkout folder (None: SEEM importable without one), checked."""
+    if not seem_root:
+        return None
+    root = Path(seem_root).resolve()
+    if not root.is_dir():
+        raise UserError(
+            f"[annotate] seem_root = {seem_root!r}: folder not found; expected a checkout "
+            "of SEEM's repository"
+        )
+    if not ((root / "modeling").is_dir() and (root / "utils" / "arguments.py").is_file()):
+        raise UserError(
+            f"[annotate] seem_root = {seem_root!r}: not a SEEM checkout; expected its "
+            "modeling/ folder and utils/arguments.py in it"
+        )
+    return root
+
+
 def _import_seem(seem_root: str) -> tuple[Any, Any, Any]:
     """(build_model, BaseModel, load_opt_from_config_files) from SEEM's checkout."""
-    root = None
-    if seem_root:
-        root = Path(seem_root).resolve()
-        if not root.is_dir():
-            raise UserError(
-                f"[annotate] seem_root = {seem_root!r}: folder not found; expected a checkout "
-                "of SEEM's repository"
-            )
-        if not ((root / "modeling").is_dir() and (root / "utils" / "arguments.py").is_file()):
-            raise UserError(
-                f"[annotate] seem_root = {seem_root!r}: not a SEEM checkout; expected its "
-                "modeling/ folder and utils/arguments.py in it"
-            )
+    root = _seem_checkout(seem_root)
+    if root is not None:
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
     try:
@@ -344,6 +351,7 @@ def load_seem_annotator(cfg: AnnotateConfig, manifest: Manifest) -> SeemAnnotato
     ``cfg.device`` (made current first)."""
     import torch
 
+    _seem_checkout(cfg.seem_root)  # the checkout first: without it nothing else matters
     conf, ckpt, tokenizer = _check_files(cfg)
     channels, groups = prompt_channels(
         cfg.prompts, manifest.classes, manifest.meta.background_index, NO_OBJECT

@@ -658,7 +658,7 @@ ANNOTATE = [
         "seem_root_missing",
         "an",
         "run --config {t}/c.toml --annotator seem --model {t}/seem.pt",
-        "c.toml: [annotate] seem_root = 'nowhere': folder not found; expected a clone of SEEM",
+        "c.toml: [annotate] seem_root = 'nowhere': folder not found; expected a checkout of SEEM",
         setup=config("annotate", 'seem_root = "nowhere"'),
     ),
     case("scheduler_bad", "an", f"run {CFG} --scheduler local:x", "--scheduler = 'local:x'"),
