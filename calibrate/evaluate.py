@@ -33,7 +33,7 @@ from calibrate.runner import Runner, merge
 from calibrate.tasks import Item, _cache, load
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_path, atomic_write_json, read_label_png
-from data_manifest.manifest import IGNORE_INDEX, Manifest
+from data_manifest.manifest import IGNORE_INDEX, Manifest, id_path
 
 SCHEMA = 1
 SETS = ("unlabeled", "held_out", "val")
@@ -141,7 +141,7 @@ def confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 
 def _read_pseudo(folder: Folder, image_id: str, shape: tuple[int, ...], k: int) -> np.ndarray:
-    path = Path(folder.path) / f"{image_id}.png"
+    path = id_path(folder.path, image_id)
     if not path.is_file():
         raise UserError(
             f"{path}: pseudo-label missing; expected one PNG per unlabeled image "

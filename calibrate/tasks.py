@@ -11,7 +11,6 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from calibrate.rules import Rule, label_image
 from calibrate.runner import merge
 from data_manifest.errors import UserError
 from data_manifest.io import read_label_png, write_label_png
-from data_manifest.manifest import IGNORE_INDEX, reduce_zero_label
+from data_manifest.manifest import IGNORE_INDEX, id_path, reduce_zero_label
 
 
 def _cache(path: str) -> Cache:
@@ -253,7 +252,7 @@ def write_pseudo(
     for it in batch:
         probs, _ = load(cache, it, ctx)
         lab = label_image(probs, rule)
-        wrote = write_label_png(Path(out_dir) / f"{it.id}.png", lab, palette, PNG_LEVEL)
+        wrote = write_label_png(id_path(out_dir, it.id), lab, palette, PNG_LEVEL)
         rows.append((it.id, int((lab != IGNORE_INDEX).sum()), int(lab.size), bool(wrote)))
     return {"images": rows}
 
