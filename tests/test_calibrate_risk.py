@@ -268,10 +268,13 @@ def test_risk_held_out_figures(ds: tuple[Path, Path], tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("--risk", "0"), "risk = 0.0: expected a number in (0, 1)"),
-        (("--risk", "1.5"), "risk = 1.5: expected a number in (0, 1)"),
-        (("--delta", "1"), "delta = 1.0: expected a number in (0, 1)"),
-        (("--risk-control", "bonferroni"), "risk_control = 'bonferroni'"),
+        (("--risk", "0"), "--risk = 0.0: expected a number in (0, 1)"),
+        (("--risk", "1.5"), "--risk = 1.5: expected a number in (0, 1)"),
+        (("--delta", "1"), "--delta = 1.0: expected a number in (0, 1)"),
+        (
+            ("--risk-control", "bonferroni"),
+            "--risk-control = 'bonferroni'; expected one of 'crc', 'ltt'",
+        ),
     ],
 )
 def test_risk_bad_input_is_one_line(
