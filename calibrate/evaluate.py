@@ -96,6 +96,23 @@ def first_report(path: Path) -> dict[str, Any]:
     return rep
 
 
+def check_manifest(path: Path, manifest: Manifest) -> dict[str, Any]:
+    """A folder's calibration.json, checked to come from ``manifest`` (its fingerprint).
+
+    Raises:
+        UserError: not a calibrate output, or made from another manifest.
+    """
+    rep = first_report(path)
+    fp = rep["manifest"]["fingerprint"]
+    if fp != manifest.fingerprint:
+        raise UserError(
+            f"{path / 'calibration.json'}: manifest fingerprint {fp[:16]!r} but manifest "
+            f"{manifest.path} has {manifest.fingerprint[:16]!r}; expected pseudo-labels made "
+            "from this manifest"
+        )
+    return rep
+
+
 def read_folder(path: Path, manifest: Manifest, cache: Cache) -> Folder:
     """Check a pseudo-label folder against the manifest and the cache.
 
@@ -103,13 +120,7 @@ def read_folder(path: Path, manifest: Manifest, cache: Cache) -> Folder:
         UserError: not a calibrate output, another manifest, another annotator.
     """
     rep_path = path / "calibration.json"
-    rep = first_report(path)
-    fp = rep["manifest"]["fingerprint"]
-    if fp != manifest.fingerprint:
-        raise UserError(
-            f"{rep_path}: manifest fingerprint {fp[:16]!r} but manifest {manifest.path} has "
-            f"{manifest.fingerprint[:16]!r}; expected pseudo-labels made from this manifest"
-        )
+    rep = check_manifest(path, manifest)
     sha = rep.get("cache", {}).get("model_sha256")
     if sha is not None and sha != cache.meta.model_sha256:
         raise UserError(
@@ -268,6 +279,8 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate the folders; writes ``evaluation.json`` and ``risk_coverage.png`` into
     ``out_dir`` and returns the JSON content."""
+    for p in folder_paths:
+        check_manifest(p, manifest)
     cache = open_cache(cache_path)
     if cache.meta.manifest_fingerprint != manifest.fingerprint:
         raise UserError(
