@@ -226,7 +226,7 @@ def evaluate(
     for p in paths:
         if not p.is_dir():
             raise UserError(f"{p}: folder not found; expected a pseudo-label folder")
-    first = evaluate_mod.first_report(paths[0])
+    first = evaluate_mod.read_report(paths[0])
     if manifest or config:
         mpath = manifest_path(load_config(config), manifest)
     else:

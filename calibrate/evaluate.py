@@ -70,7 +70,7 @@ class EvalCtx:
     folders: tuple[Folder, ...]
 
 
-def first_report(path: Path) -> dict[str, Any]:
+def read_report(path: Path) -> dict[str, Any]:
     """A folder's calibration.json, checked for the fields evaluate reads.
 
     Raises:
@@ -102,7 +102,7 @@ def check_manifest(path: Path, manifest: Manifest) -> dict[str, Any]:
     Raises:
         UserError: not a calibrate output, or made from another manifest.
     """
-    rep = first_report(path)
+    rep = read_report(path)
     fp = rep["manifest"]["fingerprint"]
     if fp != manifest.fingerprint:
         raise UserError(
@@ -136,7 +136,8 @@ def read_folder(path: Path, manifest: Manifest, cache: Cache) -> Folder:
     if held_rule is not None and ho.get("fraction"):
         plan = check_inputs(manifest, cache, float(ho["fraction"]), int(ho["seed"]))
         held = frozenset(plan.held)
-    return Folder(path.name, str(path), rule, held_rule, held, rep)
+    # resolved: tasks may run on other machines (a Dask cluster sharing the file system)
+    return Folder(path.name, str(path.resolve()), rule, held_rule, held, rep)
 
 
 def confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
@@ -291,7 +292,10 @@ def run(
     folders = [read_folder(p, manifest, cache) for p in folder_paths]
     names = [f.name for f in folders]
     if len(set(names)) < len(names):  # same folder names in different parents: use the paths
-        folders = [Folder(f.path, f.path, f.rule, f.held_rule, f.held, f.report) for f in folders]
+        folders = [
+            Folder(str(p), f.path, f.rule, f.held_rule, f.held, f.report)
+            for p, f in zip(folder_paths, folders, strict=True)
+        ]
     items = plan_items(manifest, cache, folders)
     if not items:
         raise UserError(
@@ -300,7 +304,7 @@ def run(
             f"cache {cache.path}; expected ground truth for some of them"
         )
     ctx = EvalCtx(
-        cache=str(cache.path),
+        cache=str(cache.path.resolve()),
         num_classes=manifest.num_classes,
         reduce_zero_label=manifest.meta.reduce_zero_label,
         quantize=0 < cache.meta.topk < cache.num_classes,
