@@ -1,7 +1,8 @@
 """Run map-reduce passes over images on a Dask scheduler, with a progress bar.
 
 A pass maps a module-level function over batches of images and merges the (small) results with
-:func:`merge` in a tree, so the driver never holds one result per batch at once. Schedulers:
+:func:`merge` in a tree, so neither the driver nor the cluster holds one result per batch at
+once. Schedulers:
 "threads" (Dask's local threaded scheduler, the default), "synchronous" (one thread, for
 debugging), "processes" (a :class:`distributed.LocalCluster` started for the run) or an address
 ``tcp://HOST:PORT`` of a running Dask scheduler (dask-jobqueue, dask-kubernetes, ...).
@@ -167,17 +168,30 @@ class Runner:
         advance: Callable[[int], None],
         kwargs: dict[str, Any],
     ) -> Any:
+        """Results are merged on the workers as they complete, ``_FAN_IN`` at a time, and the
+        driver drops its reference to each future once it is merged: the cluster holds about
+        ``_FAN_IN`` finished results per merge level, not one per batch."""
         from distributed import as_completed
 
         client = self.client
-        futs = [client.submit(fn, b, **kwargs, pure=False) for b in batches]
-        index = {f.key: i for i, f in enumerate(futs)}
-        root = _tree(futs, lambda parts, lvl, j: client.submit(merge_many, *parts, pure=False))
-        for f in as_completed(futs):
+        pending = as_completed()
+        leaf_index: dict[str, int] = {}
+        for i, b in enumerate(batches):
+            f = client.submit(fn, b, **kwargs, pure=False)
+            leaf_index[f.key] = i
+            pending.add(f)
+        ready: list[Any] = []
+        for f in pending:
             if f.status == "error":
-                break
-            advance(index[f.key])
-        return root.result()
+                f.result()  # raises the task's exception here
+            i = leaf_index.pop(f.key, None)
+            if i is not None:
+                advance(i)
+            ready.append(f)
+            if len(ready) == _FAN_IN or (len(ready) > 1 and pending.is_empty()):
+                pending.add(client.submit(merge_many, *ready, pure=False))
+                ready = []
+        return ready[0].result()
 
 
 def _tree(items: list[Any], combine: Callable[[list[Any], int, int], Any]) -> Any:

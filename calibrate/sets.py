@@ -79,26 +79,36 @@ def argmax0(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index and value of the maximum over axis 0, the lowest index winning ties.
 
-    A loop over the K classes of whole-image operations: much faster than ``a.argmax(axis=0)``
-    on a (K, H, W) array, whose reduction runs across the slow axis.
+    Vectorised over the whole array without ``a.argmax(axis=0)``, whose reduction runs across
+    the slow axis of a (K, H, W) array: a max-reduction over axis 0 (contiguous rows), then the
+    first class that reaches it, found as a max-reduction of uint8 weights 255 − k.
 
     Args:
-        a: float32 (K, H, W) with values ≥ 0; mask: bool (K, H, W), classes allowed per pixel
-            (None: all); skip: a class left out (None: none).
+        a: float32 (K, H, W) with values ≥ 0, K ≤ 255; mask: bool (K, H, W), classes allowed
+            per pixel (None: all); skip: a class left out (None: none).
     Returns:
         (uint8 (H, W) index, float32 (H, W) value); value −1 where no class is allowed.
     """
-    idx = np.zeros(a.shape[1:], np.uint8)
-    best = np.full(a.shape[1:], -1.0, np.float32)
-    for k in range(a.shape[0]):
-        if k == skip:
-            continue
-        upd = a[k] > best
-        if mask is not None:
-            upd &= mask[k]
-        best = np.where(upd, a[k], best)
-        idx = np.where(upd, np.uint8(k), idx)
-    return idx, best
+    k = a.shape[0]
+    if k > 255:
+        raise ValueError(f"argmax0 takes at most 255 classes, got {k}")
+    weights = np.arange(255, 255 - k, -1, dtype=np.uint8).reshape(k, *([1] * (a.ndim - 1)))
+    if mask is None and skip is None:
+        best = np.asarray(a, dtype=np.float32).max(axis=0) + np.float32(0.0)
+        first = np.multiply(a == best, weights, dtype=np.uint8).max(axis=0)
+        return np.uint8(255) - first, best
+    # float32 values >= 0 order like their bit patterns; key = bits + 1, 0 where not allowed
+    # (integer arithmetic, so a mask costs no branches; -0.0 counts as 0.0)
+    key = np.maximum(np.ascontiguousarray(a, dtype=np.float32).view(np.int32), 0)
+    key += 1
+    if mask is not None:
+        key *= mask
+    if skip is not None:
+        key[skip] = 0
+    top = key.max(axis=0)
+    first = np.multiply(key == top, weights, dtype=np.uint8).max(axis=0)
+    best = np.where(top > 0, (top - 1).view(np.float32), np.float32(-1.0))
+    return np.uint8(255) - first, best
 
 
 def pseudo_label(
