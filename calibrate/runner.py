@@ -75,6 +75,7 @@ class Runner:
                 silence_logs=logging.ERROR,
             )
             self.client = Client(self._cluster)
+            self._warm()
         elif self.scheduler.startswith("tcp://"):
             from distributed import Client
 
@@ -85,7 +86,20 @@ class Runner:
                     f"scheduler = {self.scheduler!r}: cannot connect ({exc}); "
                     "expected the address of a running Dask scheduler"
                 ) from None
+            self._warm()
         return self
+
+    def _warm(self) -> None:
+        """Import the task code on every worker now: the first pass does not pay for it, and
+        a worker without this project installed is reported before any work is sent."""
+        try:
+            self.client.run(_import_tasks)
+        except Exception as exc:  # whatever the worker raised, re-raised here
+            self.__exit__()
+            raise UserError(
+                f"scheduler = {self.scheduler!r}: a worker cannot import the calibrate code "
+                f"({type(exc).__name__}: {exc}); expected workers with this project installed"
+            ) from None
 
     def __exit__(self, *exc: object) -> None:
         if self.client is not None:
@@ -192,6 +206,10 @@ class Runner:
                 pending.add(client.submit(merge_many, *ready, pure=False))
                 ready = []
         return ready[0].result()
+
+
+def _import_tasks() -> None:
+    import calibrate.tasks  # noqa: F401
 
 
 def _tree(items: list[Any], combine: Callable[[list[Any], int, int], Any]) -> Any:

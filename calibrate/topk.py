@@ -40,7 +40,9 @@ pixels depend on a ranking that is not known, and that combination is refused.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,36 +65,52 @@ class TopK:
         index: uint8 (k, H, W), the stored classes, most probable first.
         lo, hi: float32 (k, H, W), bounds of their probabilities (float16 value ± half step).
         num_classes: K.
+        rest_lo, rest_hi: float32 (H, W), bounds of the hidden classes' total mass.
+        hidden_lo, hidden_hi: float32 (H, W), bounds of any one hidden class's probability.
     """
 
     index: np.ndarray
     lo: np.ndarray
     hi: np.ndarray
     num_classes: int
+    rest_lo: np.ndarray
+    rest_hi: np.ndarray
+    hidden_lo: np.ndarray
+    hidden_hi: np.ndarray
 
     @staticmethod
     def from_stored(index: np.ndarray, prob16: np.ndarray, num_classes: int) -> TopK:
-        v = prob16.astype(np.float32)
-        half = np.spacing(prob16.astype(np.float16)).astype(np.float32) / 2
-        lo = np.maximum(v - half, np.float32(0.0))
-        return TopK(index, lo, np.minimum(v + half, np.float32(1.0)), num_classes)
-
-    def rest(self) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (H, W) lower and upper bounds of the hidden classes' total mass."""
-        lo = np.maximum(np.float32(1.0) - self.hi.sum(axis=0, dtype=np.float32) - SLACK, 0)
-        hi = np.maximum(np.float32(1.0) - self.lo.sum(axis=0, dtype=np.float32) + SLACK, 0)
-        return lo.astype(np.float32), hi.astype(np.float32)
-
-    def hidden_bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (H, W) (lower, upper) bounds of any one hidden class's probability."""
-        n_hidden = self.num_classes - self.index.shape[0]
-        r_lo, r_hi = self.rest()
+        """From the stored arrays: uint8 (k, H, W) and float16 (k, H, W), values in [0, 1]."""
+        lo_table, hi_table = _rounding_tables()
+        bits = np.ascontiguousarray(prob16, dtype=np.float16).view(np.uint16)
+        lo, hi = np.take(lo_table, bits), np.take(hi_table, bits)
+        one = np.float32(1.0)
+        rest_lo = np.maximum(one - hi.sum(axis=0, dtype=np.float32) - SLACK, np.float32(0.0))
+        rest_hi = np.maximum(one - lo.sum(axis=0, dtype=np.float32) + SLACK, np.float32(0.0))
+        n_hidden = num_classes - index.shape[0]
         if n_hidden <= 0:
-            return np.zeros_like(r_lo), np.zeros_like(r_lo)
-        u = np.minimum(self.hi[-1], r_hi)
-        lo = np.maximum(r_lo - np.float32(n_hidden - 1) * u, 0)
-        # rounding can leave more mass than the hidden classes could hold: cap at u
-        return np.minimum(lo, u).astype(np.float32), u.astype(np.float32)
+            h_lo = h_hi = np.zeros_like(rest_lo)
+        else:
+            h_hi = np.minimum(hi[-1], rest_hi)
+            # rounding can leave more mass than the hidden classes could hold: cap at h_hi
+            h_lo = np.minimum(np.maximum(rest_lo - np.float32(n_hidden - 1) * h_hi, 0), h_hi)
+        return TopK(index, lo, hi, num_classes, rest_lo, rest_hi, h_lo, h_hi)
+
+
+@functools.cache
+def _rounding_tables() -> tuple[np.ndarray, np.ndarray]:
+    """float32 (65536,) lower and upper ends of the values that round to each float16 bit
+    pattern, v ∓ half its step, clipped to [0, 1] (a table lookup is faster than converting
+    float16 arrays and computing steps)."""
+    v16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    v = v16.astype(np.float32)
+    # half the step at v: 2^(e − 26) for exponent field e, 2^-25 for subnormals
+    e = (v16.view(np.uint16) >> np.uint16(10)) & np.uint16(0x1F)
+    half = ((np.maximum(e, 1).astype(np.uint32) + np.uint32(101)) << np.uint32(23)).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        lo = np.clip(v - half, 0, 1).astype(np.float32)
+        hi = np.clip(v + half, 0, 1).astype(np.float32)
+    return lo, hi
 
 
 @dataclass(frozen=True)
@@ -139,7 +157,7 @@ def read_unlabeled(cache: Cache, image_id: str) -> np.ndarray | TopK | Bounds:
 def full_bounds(t: TopK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 (K, h, w) lower and upper bounds of every class, and bool (K, h, w) stored."""
     k_classes = t.num_classes
-    lo_h, u = t.hidden_bounds()
+    lo_h, u = t.hidden_lo, t.hidden_hi
     lo = np.broadcast_to(lo_h, (k_classes, *u.shape)).copy()
     hi = np.broadcast_to(u, (k_classes, *u.shape)).copy()
     stored = np.zeros((k_classes, *u.shape), bool)
@@ -158,26 +176,39 @@ def _first(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.where(top > 0, 255 - top.astype(np.intp), 0), top > 0
 
 
-def _count_ge(sorted_q: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """int (H, W): how many of the K thresholds are ≥ x (``sorted_q`` ascending)."""
-    return sorted_q.size - np.searchsorted(sorted_q, x, side="left")
+def _pick(rank: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """a[rank[y, x], y, x] for a (k, H, W) array and int (H, W) ranks."""
+    if a.shape[0] <= 32:  # np.choose takes at most 32 choices and beats take_along_axis
+        return np.choose(rank, a)
+    return np.take_along_axis(a, rank[None], 0)[0]
 
 
-def _membership(t: TopK, q: np.ndarray, score: str) -> tuple[np.ndarray, ...]:
+def _membership(t: TopK, q: np.ndarray, qs: np.ndarray, score: str) -> tuple[np.ndarray, ...]:
     """Set membership of stored classes (surely, possibly: bool (k, H, W)) and, for hidden
     classes, the thresholds x_def, x_pos (float32 (H, W)): hidden class j is surely in the set
     when q̂_j ≥ x_def and possibly when q̂_j ≥ x_pos."""
-    qs = q[t.index]
     one = np.float32(1.0)
-    lo_h, u = t.hidden_bounds()
     if score == "lac":
-        return one - t.lo <= qs, one - t.hi <= qs, one - lo_h, one - u
+        return one - t.lo <= qs, one - t.hi <= qs, one - t.hidden_lo, one - t.hidden_hi
     if score == "aps":
         cum_lo = np.clip(np.cumsum(t.lo, axis=0, dtype=np.float32), 0, 1) - SLACK
         cum_hi = np.clip(np.cumsum(t.hi, axis=0, dtype=np.float32), 0, 1) + SLACK
-        x_def = np.minimum(cum_hi[-1] + t.rest()[1], one)
+        x_def = np.minimum(cum_hi[-1] + t.rest_hi, one)
         return cum_hi <= qs, cum_lo <= qs, x_def, cum_lo[-1]
     raise ValueError(f"unknown score {score!r}")
+
+
+def _hidden_counter(t: TopK, q: np.ndarray, qs: np.ndarray) -> Any:
+    """A function x (float32 (H, W)) → int (H, W): how many hidden classes have q̂_j ≥ x."""
+    n_hidden = t.num_classes - t.index.shape[0]
+    if n_hidden <= 0:
+        return lambda x: np.zeros(x.shape, np.intp)
+    if q.min() == q.max():  # one q̂: every class passes or none
+        return lambda x: np.where(q[0] >= x, n_hidden, 0)
+    sorted_q = np.sort(q)
+    return lambda x: (
+        sorted_q.size - np.searchsorted(sorted_q, x, side="left") - (qs >= x).sum(axis=0)
+    )
 
 
 def topk_cp_label(
@@ -193,14 +224,9 @@ def topk_cp_label(
     q = np.asarray(qhat, dtype=np.float32)
     k, k_classes = t.index.shape[0], t.num_classes
     n_hidden = k_classes - k
-    s_in, s_maybe, x_def, x_pos = _membership(t, q, score)
-    sorted_q, qs = np.sort(q), q[t.index]
-
-    def hidden_in(x: np.ndarray) -> np.ndarray:  # how many hidden classes have q̂_j ≥ x
-        if not n_hidden:
-            return np.zeros(x.shape, np.intp)
-        return _count_ge(sorted_q, x) - (qs >= x).sum(axis=0)
-
+    qs = q[0] if q.min() == q.max() else np.take(q, t.index)
+    s_in, s_maybe, x_def, x_pos = _membership(t, q, qs, score)
+    hidden_in = _hidden_counter(t, q, qs)
     h_def, h_pos = hidden_in(x_def), hidden_in(x_pos)
     bg_def = bg_pos = np.zeros(x_def.shape, bool)
     elig = np.ones(t.index.shape, bool)
@@ -210,8 +236,7 @@ def topk_cp_label(
         bg_def, bg_pos = bg_hidden & (q[background] >= x_def), bg_hidden & (q[background] >= x_pos)
     # the first stored class (stored order = true order) that may be in the set and is eligible
     first, found = _first(s_maybe & elig)
-    first_in = np.take_along_axis(s_in, first[None], 0)[0]
-    label = np.take_along_axis(t.index, first[None], 0)[0]
+    first_in, label = _pick(first, s_in), _pick(first, t.index)
     label = np.where(found & first_in, label, np.uint8(IGNORE_INDEX))
     unsure = found & ~first_in
     # no stored eligible class may be in the set: an eligible hidden one may, else background
@@ -243,7 +268,7 @@ def _hidden_cap(t: TopK, q: np.ndarray, score: str, n_hidden: int) -> np.ndarray
     numbers summing to r hold at least i/(K − k) of it), which must be ≤ max q̂.
     """
     q_max = float(q.max())
-    r_lo, r_hi = (v.astype(np.float64) for v in t.rest())
+    r_lo, r_hi = t.rest_lo.astype(np.float64), t.rest_hi.astype(np.float64)
     if score == "lac":
         need = 1.0 - q_max - 2 * _F32_HALF_ULP_1
         if need <= 0:
@@ -269,8 +294,8 @@ def _hidden_floor(t: TopK, q: np.ndarray, score: str, n_hidden: int) -> np.ndarr
     if n_hidden == 0:
         return np.zeros(t.index.shape[1:], np.intp)
     q_min = float(q.min())
-    r_lo, r_hi = (v.astype(np.float64) for v in t.rest())
-    u = t.hidden_bounds()[1].astype(np.float64)
+    r_lo, r_hi = t.rest_lo.astype(np.float64), t.rest_hi.astype(np.float64)
+    u = t.hidden_hi.astype(np.float64)
     if score == "lac":
         need = 1.0 - q_min + 2 * _F32_HALF_ULP_1
         with np.errstate(divide="ignore", invalid="ignore"):

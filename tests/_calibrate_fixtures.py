@@ -64,12 +64,14 @@ def make_dataset(
     smooth: int = 1,
     native_scale: int = 1,
     strength: float = 2.5,
+    write_images: bool = True,
 ) -> tuple[Path, Path]:
     """Write images, labels, a manifest and a cache under ``root``.
 
     ``smooth``, ``strength``: see :func:`annotator_logits`; ``native_scale`` > 1 stores every
     image's scores at that many times less resolution (an annotator with a coarser output,
     resolution "native"). The same seed gives the same scores whatever ``topk``.
+    ``write_images`` False writes no image files (calibrate reads them only for plots).
 
     Returns:
         (manifest path, cache path).
@@ -84,7 +86,8 @@ def make_dataset(
             iid = f"{split[:3]}{i:03d}" if split != "unlabeled" or i % 2 else f"sub/u{i:03d}"
             img = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
             img_rel = f"images/{iid.replace('/', '_')}.png"
-            Image.fromarray(img).save(root / img_rel)
+            if write_images:
+                Image.fromarray(img).save(root / img_rel)
             lab = label_map(rng, h, w, k)
             labels[iid] = lab
             lab_rel = None
