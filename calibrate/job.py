@@ -349,21 +349,8 @@ def run(
     with Runner(conf.scheduler, conf.workers, show_progress) as runner:
         qmat, qinfo, n_pixels = _calibrate(runner, plan, label_of, ctx, conf, manifest, timings)
         t = time.perf_counter()
-        eval_items = [Item(i, label_of[i], "held") for i in plan.held] + [
-            Item(i, label_of[i], "val") for i in plan.val
-        ]
-        qhats_eval = {"held": qmat.get("cal"), "val": qmat["all"]}
-        ev = _run_pass(
-            runner,
-            evaluate,
-            eval_items,
-            conf.batch,
-            "report",
-            ctx=ctx,
-            qhats={k: v for k, v in qhats_eval.items() if v is not None},
-        )
+        ev = _report_pass(runner, plan, label_of, ctx, conf, qmat)
         timings["report_s"] = time.perf_counter() - t
-
         qhat = qmat["all"][ia]
         u_items = [Item(i, None, "unlabeled") for i in plan.unlabeled]
         tau, n_cp = None, None
@@ -396,35 +383,62 @@ def run(
         )
         timings["write_s"] = time.perf_counter() - t
         workers = runner.n_workers
-    rows = sorted(wr.get("images", []))
+    out = Outcome(qinfo, grid, ia, bg, n_pixels, ev, sorted(wr.get("images", [])), tau, n_cp)
     try:
-        refuse_undetermined(rows, conf, cache, resized)
+        refuse_undetermined(out.rows, conf, cache, resized)
     except UserError:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    figures = _figures(
-        manifest, cache, conf, plan, qinfo, ia, grid, bg, n_pixels, ev, rows, tau, n_cp, seed
-    )
-    # commit: the folder is marked incomplete until calibration.json is written
-    t = time.perf_counter()
-    mark_incomplete(out_dir)
-    removed_tmp, removed_orphans = clean(out_dir, plan.unlabeled)
-    commit(stage, out_dir, [r[0] for r in rows if r[3]])
-    write_resolved(out_dir / "config.toml", resolved)
+    figures = _figures(manifest, cache, conf, plan, seed, out)
     result = {
-        "rewritten": sum(1 for r in rows if r[3]),
-        "removed_temporaries": removed_tmp,
-        "removed_orphans": removed_orphans,
+        "rewritten": sum(1 for r in out.rows if r[3]),
+        "removed_temporaries": 0,
+        "removed_orphans": 0,
         "timings": timings,
         "workers": workers,
     }
-    timings["commit_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
-    atomic_write_json(out_dir / "run.json", {k: _rounded(v) for k, v in result.items()})
-    report.write_all(out_dir, figures, rows, manifest, cache, conf)
+    _commit(out_dir, stage, plan, out.rows, resolved, result, t0)
+    report.write_all(out_dir, figures, out.rows, manifest, cache, conf)
     mark_complete(out_dir)
     timings["total_s"] = time.perf_counter() - t0
     return {"figures": figures, **result}
+
+
+@dataclass
+class Outcome:
+    """What the passes found, for the report."""
+
+    qinfo: dict[str, dict[str, Any]]
+    grid: tuple[float, ...]
+    ia: int
+    background: int | None
+    n_pixels: int
+    ev: dict
+    rows: list[tuple]  # (id, kept, pixels, staged, undetermined, sha256) per unlabeled image
+    tau: float | None
+    n_cp: int | None
+
+
+def _commit(
+    out_dir: Path,
+    stage: Path,
+    plan: Plan,
+    rows: list[tuple],
+    resolved: dict[str, Any],
+    result: dict[str, Any],
+    t0: float,
+) -> None:
+    """Mark the folder incomplete, clean it, move the staged PNGs in, write config and log
+    (see :mod:`calibrate.folder`); the caller writes the report and removes the marker."""
+    t = time.perf_counter()
+    mark_incomplete(out_dir)
+    result["removed_temporaries"], result["removed_orphans"] = clean(out_dir, plan.unlabeled)
+    commit(stage, out_dir, [r[0] for r in rows if r[3]])
+    write_resolved(out_dir / "config.toml", resolved)
+    result["timings"]["commit_s"] = time.perf_counter() - t
+    result["timings"]["total_s"] = time.perf_counter() - t0
+    log = {k: _rounded(v) for k, v in result.items()}
+    atomic_write_json(out_dir / "run.json", log)
 
 
 def _rounded(v: Any) -> Any:
@@ -468,24 +482,28 @@ def _calibrate(
     return qmat, qinfo, n_pixels
 
 
-def _figures(
-    manifest: Manifest,
-    cache: Cache,
-    conf: CalibrateConfig,
+def _report_pass(
+    runner: Runner,
     plan: Plan,
-    qinfo: dict[str, dict[str, Any]],
-    ia: int,
-    grid: tuple[float, ...],
-    bg: int | None,
-    n_pixels: int,
-    ev: dict,
-    rows: list[tuple],
-    tau: float | None,
-    n_cp: int | None,
-    seed: int,
+    label_of: dict[str, str | None],
+    ctx: Ctx,
+    conf: CalibrateConfig,
+    qmat: dict[str, np.ndarray],
+) -> dict:
+    """Pass 3: held-out images against the calibration part's q̂, val against all's."""
+    items = [Item(i, label_of[i], "held") for i in plan.held]
+    items += [Item(i, label_of[i], "val") for i in plan.val]
+    qhats = {"held": qmat.get("cal"), "val": qmat["all"]}
+    qhats = {k: v for k, v in qhats.items() if v is not None}
+    return _run_pass(runner, evaluate, items, conf.batch, "report", ctx=ctx, qhats=qhats)
+
+
+def _figures(
+    manifest: Manifest, cache: Cache, conf: CalibrateConfig, plan: Plan, seed: int, out: Outcome
 ) -> dict[str, Any]:
     """The content of calibration.json (no timings: equal inputs give equal bytes)."""
     has_held = bool(plan.held)
+    qinfo, ia, grid, rows = out.qinfo, out.ia, out.grid, out.rows
     n_unl = sum(r[2] for r in rows)
     n_unsure = sum(r[4] for r in rows)
     return {
@@ -494,7 +512,7 @@ def _figures(
         "mode": conf.mode,
         "score": conf.score,
         "method": conf.method,
-        "background_index": bg,
+        "background_index": out.background,
         "background_rule": conf.background_rule,
         "max_set_size": conf.max_set_size,
         "classes": list(manifest.classes),
@@ -502,13 +520,13 @@ def _figures(
         "qhat_used_by_pngs": "q̂ from all labeled images",
         "calibration": {
             "images": len(plan.cal) + len(plan.held),
-            "pixels": n_pixels,
+            "pixels": out.n_pixels,
             "pixels_per_class": dict(
                 zip(manifest.classes, (int(v) for v in qinfo["all"]["n_class"]), strict=True)
             ),
         },
         "held_out": report.figures(
-            ev.get("held"),
+            out.ev.get("held"),
             grid,
             ia,
             manifest.classes,
@@ -522,7 +540,7 @@ def _figures(
             },
         ),
         "val": report.figures(
-            ev.get("val"),
+            out.ev.get("val"),
             grid,
             ia,
             manifest.classes,
@@ -537,8 +555,8 @@ def _figures(
             "undetermined_pixels": int(n_unsure),
             "undetermined_fraction": report.ratio(n_unsure, n_unl),
             "topk": cache.meta.topk,
-            "threshold": tau,
-            "threshold_matched_to_cp_kept_pixels": n_cp,
+            "threshold": out.tau,
+            "threshold_matched_to_cp_kept_pixels": out.n_cp,
         },
         "cache": {
             "path": str(cache.path),

@@ -136,7 +136,8 @@ def unlabeled_label(
     if isinstance(x, np.ndarray):
         if method == "cp":
             sets = S.prediction_sets(x, qhat, ctx.score)
-            return S.pseudo_label(x, sets, ctx.background, ctx.max_set_size), None
+            one = bool(qhat.min() == qhat.max())
+            return S.pseudo_label(x, sets, ctx.background, ctx.max_set_size, one), None
         if method == "threshold":
             return S.threshold_label(x, float(tau)), None
         return S.raw_label(x), None
@@ -151,7 +152,7 @@ def unlabeled_label(
     label, unsure, low, high = T.bounds_argmax(x)
     if method == "threshold":
         t = np.float32(tau)
-        unsure = unsure | (~unsure & (low < t) & (high >= t))
+        unsure = unsure | ((low < t) & (t < high))
         label = np.where(~unsure & (low >= t), label, np.uint8(IGNORE_INDEX)).astype(np.uint8)
     return label, unsure
 
@@ -256,7 +257,8 @@ def evaluate(batch: list[Item], ctx: Ctx, qhats: dict) -> dict:
         # set figures at the run's α
         sets = allscores <= q[ctx.main].reshape(-1, 1, 1)
         size = np.count_nonzero(sets[:, 0], axis=0)
-        pl = S.pseudo_label(pv, sets, ctx.background, ctx.max_set_size)[0]
+        one = bool(q[ctx.main].min() == q[ctx.main].max())
+        pl = S.pseudo_label(pv, sets, ctx.background, ctx.max_set_size, one)[0]
         kept = pl != IGNORE_INDEX
         r["set_size"] = int(size.sum())
         r["singletons"] = int((size == 1).sum())
