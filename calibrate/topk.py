@@ -178,8 +178,6 @@ def _first(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _pick(rank: np.ndarray, a: np.ndarray) -> np.ndarray:
     """a[rank[y, x], y, x] for a (k, H, W) array and int (H, W) ranks."""
-    if a.shape[0] <= 32:  # np.choose takes at most 32 choices and beats take_along_axis
-        return np.choose(rank, a)
     return np.take_along_axis(a, rank[None], 0)[0]
 
 
