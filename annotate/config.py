@@ -20,6 +20,8 @@ class AnnotateConfig:
     model: str = ""
     seem_config: str = ""
     seem_root: str = ""
+    seem_tokenizer: str = ""
+    input_short_side: int = 512
     cache: str = ""
     splits: tuple[str, ...] = DEFAULT_SPLITS
     batch_size: int = 8
@@ -58,6 +60,11 @@ class AnnotateConfig:
                 f"input_size = {list(self.input_size)!r}: expected [] (each image "
                 "at its own size) or [height, width] with both >= 8"
             )
+        if self.input_short_side != 0 and self.input_short_side < 32:
+            raise ValueError(
+                f"input_short_side = {self.input_short_side}: expected 0 (each image at its "
+                "own size) or a number of pixels >= 32 (SEEM's default: 512)"
+            )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"
         ):
@@ -90,8 +97,8 @@ def _local_workers(scheduler: str) -> int:
 
 
 def auto_topk(num_classes: int) -> int:
-    """Default k for top-k storage of unlabeled images: min(K // 3, 4), at least 2; 0 (off,
-    full scores) when K <= 3.
+    """Default k for top-k storage of unlabeled images: min(K // 3, 4), at least 2 (K − 1 for
+    K = 3); 0 (off) when K <= 2.
 
     k >= 2 because the paper's pseudo-label (LAC sets, one q̂, the most probable foreground
     class of the set) is then decided by the stored classes alone, up to float16 rounding
@@ -101,10 +108,9 @@ def auto_topk(num_classes: int) -> int:
     α = 0.05): k = 2 stores 0.066 of the bytes of float32 logits with 99.999 % of LAC
     pseudo-label pixels unchanged. Compressed top-k costs about 1.3 bytes per pixel and stored
     class, so k <= K / 3 keeps within 1/8 of the 4 K bytes of float32 logits (k = 2 exceeds it
-    for K < 6, where full float16 scores cost at most 5/3 of top-2); for K <= 3, top-2 saves
-    nothing over full scores. Class mode and ``max_set_size`` can depend on more classes than
-    the stored ones: `calibrate` counts such pixels and refuses above a limit.
+    for K < 6). Class mode and ``max_set_size`` can depend on more classes than the stored
+    ones: `calibrate` counts such pixels and refuses above a limit.
     """
-    if num_classes <= 3:
+    if num_classes <= 2:
         return 0
     return max(2, min(num_classes - 1, num_classes // 3, 4))

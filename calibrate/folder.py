@@ -32,6 +32,7 @@ from typing import Any
 
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_text
+from data_manifest.manifest import id_path
 
 REPORT = "calibration.json"
 MARKER = "calibration.incomplete"
@@ -74,35 +75,29 @@ def check_writable(out_dir: Path) -> None:
 
 
 def clean(out_dir: Path, keep_ids: Iterable[str]) -> tuple[int, int]:
-    """Step 2: remove temporaries (``.*.tmp``, left by killed writers) and pseudo-label PNGs
-    whose id is not in ``keep_ids``. Call only on a folder calibrate owns (see
-    :func:`check_writable`) and while no other run writes to it.
+    """Step 2: remove temporaries (``.*.tmp`` in ``out_dir`` and ``plots/``, left by killed
+    writers) and pseudo-label PNGs (``out_dir/<id>.png``) whose id is not in ``keep_ids``.
+    Call only on a folder calibrate owns (see :func:`check_writable`) and while no other run
+    writes to it.
 
     Returns:
         (temporaries removed, orphan PNGs removed).
     """
     keep = {f"{i}.png" for i in keep_ids}
     tmp = orphans = 0
-    plots = out_dir / "plots"
-    for root, dirs, files in os.walk(out_dir):
-        here = Path(root)
-        for name in files:
-            path = here / name
+    for folder in (out_dir, out_dir / "plots"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            name = path.name
+            if not path.is_file():
+                continue
             if name.startswith(".") and name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
                 tmp += 1
-            elif (
-                name.endswith(".png")
-                and not name.startswith(".")
-                and here != plots
-                and plots not in here.parents
-                and path.relative_to(out_dir).as_posix() not in keep
-            ):
+            elif folder == out_dir and name.endswith(".png") and name not in keep:
                 path.unlink(missing_ok=True)
                 orphans += 1
-        if here != out_dir and not any(here.iterdir()) and here != plots:
-            here.rmdir()  # an emptied id sub-folder
-        dirs.sort()
     return tmp, orphans
 
 
@@ -114,10 +109,9 @@ def staging_dir(out_dir: Path) -> Path:
 
 def commit(stage: Path, out_dir: Path, ids: Iterable[str]) -> None:
     """Step 3: move the staged PNGs of ``ids`` into ``out_dir``; remove the staging folder."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     for image_id in ids:
-        final = out_dir / f"{image_id}.png"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(stage / f"{image_id}.png", final)
+        os.replace(id_path(stage, image_id), id_path(out_dir, image_id))
     shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -177,7 +171,7 @@ def check_complete(
             )
     if verify:
         for image_id, want in recorded.items():
-            png = d / f"{image_id}.png"
+            png = id_path(d, image_id)
             if not png.is_file():
                 raise UserError(
                     f"{png}: listed in {REPORT} but missing; expected the folder as "

@@ -23,7 +23,7 @@ from calibrate import topk as T
 from calibrate.runner import merge
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_bytes, encode_label_png, read_label_png
-from data_manifest.manifest import IGNORE_INDEX, reduce_zero_label
+from data_manifest.manifest import IGNORE_INDEX, id_path, reduce_zero_label
 
 
 def _cache(path: str) -> Cache:
@@ -335,11 +335,11 @@ def write_pseudo(
     for it in batch:
         x = load_unlabeled(cache, it)
         lab, unsure = unlabeled_label(x, ctx, method, qhat, tau)
-        name = f"{it.id}.png"
-        digest, staged = stage_png(lab, palette, Path(out_dir) / name, Path(stage_dir) / name)
+        final, staged = id_path(out_dir, it.id), id_path(stage_dir, it.id)
+        digest, was_staged = stage_png(lab, palette, final, staged)
         n_unsure = 0 if unsure is None else int(np.count_nonzero(unsure))
         kept = int(np.count_nonzero(lab != IGNORE_INDEX))
-        rows.append((it.id, kept, int(lab.size), staged, n_unsure, digest))
+        rows.append((it.id, kept, int(lab.size), was_staged, n_unsure, digest))
     return {"images": rows}
 
 
