@@ -181,3 +181,18 @@ def test_sigkill_at_random_moments(
     assert verdict(out, old, new) == "new"
     report = json.loads((out / "run.json").read_text())
     assert report["removed_orphans"] == 0
+
+
+def test_check_complete_on_other_folders(tmp_path: Path) -> None:
+    """No report and no marker: PNGs from another tool (None, the caller checks them); a
+    report written before digests were recorded: accepted as it is; a broken report: one line."""
+    (tmp_path / "a.png").write_bytes(b"png")
+    assert folder.check_complete(tmp_path) is None
+    (tmp_path / "calibration.json").write_text(json.dumps({"schema": 1, "alpha": 0.1}))
+    assert folder.check_complete(tmp_path, ids=["a"]) == {"schema": 1, "alpha": 0.1}
+    (tmp_path / "calibration.json").write_text("{")
+    with pytest.raises(UserError, match="cannot read the calibration report"):
+        folder.check_complete(tmp_path)
+    (tmp_path / "calibration.json").write_text(json.dumps({"pngs": {"../x": "0"}}))
+    with pytest.raises(UserError):
+        folder.check_complete(tmp_path)

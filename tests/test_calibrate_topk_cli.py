@@ -184,3 +184,29 @@ def test_aps_on_resized_topk_is_refused(coarse: tuple, tmp_path: Path) -> None:
     assert msg.startswith("error:") and len(msg.splitlines()) == 1, msg
     assert "score 'aps' cannot be computed exactly" in msg and "resolution" in msg
     assert not out.exists()
+
+
+def test_labeled_images_stored_as_topk_are_refused(tmp_path: Path) -> None:
+    """Calibration needs the true class's score, which a top-k entry may not hold."""
+    import numpy as np
+
+    from annotate.cache import CacheWriter
+    from data_manifest import load
+
+    mpath, cpath = make_dataset(tmp_path / "d", topk=2, cache_splits=("unlabeled", "val"))
+    m, writer = load(mpath), CacheWriter(cpath)
+    rng = np.random.default_rng(0)
+    for r in m.split("labeled"):
+        writer.write(
+            r.id,
+            rng.normal(size=(4, r.height, r.width)).astype(np.float32),
+            r.height,
+            r.width,
+            topk=True,
+        )
+    out = tmp_path / "o"
+    res = calibrate((mpath, cpath), out)
+    assert res.exit_code == 1, res.output
+    msg = res.output.strip()
+    assert len(msg.splitlines()) == 1 and "is stored as top-k" in msg, msg
+    assert "expected full scores for labeled and val images" in msg and not out.exists()
