@@ -33,7 +33,7 @@ from calibrate.runner import Runner, merge
 from calibrate.tasks import Item, _cache, load
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_path, atomic_write_json, read_label_png
-from data_manifest.manifest import IGNORE_INDEX, Manifest, id_path
+from data_manifest.manifest import IGNORE_INDEX, Manifest, id_path, reduce_zero_label
 
 SCHEMA = 1
 SETS = ("unlabeled", "held_out", "val")
@@ -173,6 +173,25 @@ def _read_pseudo(folder: Folder, image_id: str, shape: tuple[int, ...], k: int) 
     return lab
 
 
+def read_truth(it: Item, ctx: EvalCtx, shape: tuple[int, ...]) -> np.ndarray:
+    """The true labels of an unlabeled row that has them, checked like a labeled image's."""
+    lab = read_label_png(it.label)
+    if ctx.reduce_zero_label:
+        lab = reduce_zero_label(lab)
+    if lab.shape != tuple(shape):
+        raise UserError(
+            f"{it.label}: label is {lab.shape[0]}x{lab.shape[1]} but the cache holds image "
+            f"{it.id!r} at {shape[0]}x{shape[1]}; expected the same size"
+        )
+    bad = (lab >= ctx.num_classes) & (lab != IGNORE_INDEX)
+    if bad.any():
+        raise UserError(
+            f"{it.label}: label value {int(lab[bad][0])} is outside the classes; expected "
+            f"class ids 0..{ctx.num_classes - 1} or {IGNORE_INDEX} (ignore)"
+        )
+    return lab
+
+
 def count_batch(batch: list[Item], ctx: EvalCtx) -> dict:
     """The pass: per image set, the annotator's curve counts and every folder's confusion.
 
@@ -185,7 +204,11 @@ def count_batch(batch: list[Item], ctx: EvalCtx) -> dict:
     k = ctx.num_classes
     out: dict = {}
     for it in batch:
-        probs, truth = load(cache, it, ctx)  # type: ignore[arg-type]
+        if it.role == "unlabeled":  # may be a top-k entry: its labels are read separately
+            probs, _ = load(cache, Item(it.id, None, it.role), ctx)  # type: ignore[arg-type]
+            truth = read_truth(it, ctx, probs.shape[1:])
+        else:
+            probs, truth = load(cache, it, ctx)  # type: ignore[arg-type]
         valid = truth != IGNORE_INDEX
         idx, conf = R.confidence(probs, ctx.quantize)
         kept, wrong = R.image_counts(conf[valid], idx[valid] != truth[valid], tau)

@@ -3,10 +3,15 @@ foreground preference (never relabelling with an uninformative class)."""
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
+from annotate.cache import resize_chw
+from calibrate import rules as RU
 from calibrate import sets as S
+from calibrate import topk as T
 from calibrate.rules import Rule, label_image
 
 
@@ -115,3 +120,64 @@ def test_rule_round_trip_and_label_image() -> None:
     assert got == [[0, 1, 0], [0, 1, 255], [255, 1, 255], [1, 1, 1], [255, 1, 255]]
     for r in rules:
         assert Rule.from_json(r.to_json()) == r
+
+
+# -- top-k cache entries: never wrong where written ---------------------------------------------
+@pytest.mark.parametrize("kk", [(4, 1), (5, 2), (7, 2), (10, 4), (21, 4)])
+@pytest.mark.parametrize("bg", [None, 0, 2])
+@pytest.mark.parametrize("m", [0, 2])
+@pytest.mark.parametrize("score", ["lac", "aps"])
+def test_class_rule_on_topk_entries_is_exact_where_written(
+    kk: tuple[int, int], bg: int | None, m: int, score: str
+) -> None:
+    """The class-mode rule from top-k bounds equals the rule on every full probability vector
+    consistent with the entry, wherever it writes a label (test_calibrate_topk's generator)."""
+    from test_calibrate_topk import consistent
+
+    k_classes, k = kk
+    rng = np.random.default_rng(zlib.crc32(repr((kk, bg, m, score)).encode()))
+    full, t, ok = consistent(rng, k_classes, k, 24, 40)
+    written = 0
+    for _ in range(4):
+        q = rng.choice([0.02, 0.3, 0.6, 0.9, 0.999, 1.0], size=k_classes).astype(np.float32)
+        fg = S.informative(q, "class")
+        got, unsure = RU.informative_topk_label(t, q, score, bg, m, fg)
+        sets = S.prediction_sets(full, q, score)
+        want = S.pseudo_label(full, sets, bg, m, informative=fg)
+        sure = ok & ~unsure
+        np.testing.assert_array_equal(got[sure], want[sure])
+        assert (got[unsure] == 255).all()
+        written += int(sure.sum())
+    # not vacuous: without a size limit most labels are determined (with one, hidden classes
+    # whose threshold is ≈ 0 may or may not count towards the size)
+    assert written > (0.5 if m == 0 else 0.1) * 4 * ok.sum()
+
+
+@pytest.mark.parametrize("kk", [(4, 1), (7, 2), (21, 4)])
+def test_risk_label_on_topk_entries_matches_the_rounded_confidence(kk: tuple[int, int]) -> None:
+    """Top-k at image resolution: the stored top-1 value is the confidence rounded to float16,
+    so the risk rule is exact there; resized entries leave only pixels near τ open."""
+    from test_calibrate_topk import consistent
+
+    k_classes, k = kk
+    rng = np.random.default_rng(k_classes)
+    full, t, ok = consistent(rng, k_classes, k, 24, 40)
+    for tau in (0.3, 0.7, 0.9995, 1.0):
+        got, unsure = RU.risk_label(t, tau, quantize=True)
+        want, _ = RU.risk_label(full, tau, quantize=True)
+        assert not unsure.any()
+        np.testing.assert_array_equal(got[ok], want[ok])
+    lo, hi, stored = T.full_bounds(t)
+    b = T.Bounds(
+        resize_chw(lo, 31, 53),
+        resize_chw(hi, 31, 53),
+        resize_chw(stored * 1.0, 31, 53) > 0.99,
+        resize_chw(stored * 1.0, 31, 53) < 0.01,
+    )
+    big = resize_chw(full, 31, 53)
+    for tau in (0.3, 0.7):
+        got, unsure = RU.risk_label(b, tau, quantize=True)
+        want, _ = RU.risk_label(big, tau, quantize=True)
+        sure = ~unsure
+        np.testing.assert_array_equal(got[sure], want[sure])
+        assert (got[unsure] == 255).all() and sure.mean() > 0.2
