@@ -286,3 +286,28 @@ def test_risk_bad_input_is_one_line(
     assert res.exit_code == 1
     assert needle in res.output and res.output.count("\n") == 1
     assert not out.exists()
+
+
+def test_labeled_rows_without_labels_are_one_line(ds: tuple[Path, Path]) -> None:
+    """Risk control (like q̂) needs every labeled row's label: one line naming the row."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from calibrate.job import check_inputs
+    from data_manifest.errors import UserError
+    from data_manifest.manifest import Manifest
+
+    mpath, cpath = ds
+    m = load(mpath)
+    first = m.split("labeled")[0]
+    rows = [replace(r, label=None) if r.id == first.id else r for r in m.rows]
+    bad = Manifest(meta=m.meta, rows=rows, path=m.path)
+    cache = open_cache(cpath)
+    fake = SimpleNamespace(
+        path=cache.path,
+        classes=cache.classes,
+        ids=cache.ids,
+        meta=SimpleNamespace(manifest_fingerprint=bad.fingerprint),
+    )
+    with pytest.raises(UserError, match=rf"labeled image '{first.id}' has label = null"):
+        check_inputs(bad, fake, 0.5, 0)
