@@ -325,7 +325,7 @@ def run_annotation(
     writes: deque[Future[None]] = deque()
     queue = deque(todo)
     depth = max(2, 2 * cfg.workers)
-    pin = device.type == "cuda"
+    pin = pipe.cuda
     done = 0
 
     def fill() -> None:
@@ -407,7 +407,12 @@ class _Pipeline:
 
     def __init__(self, annotator: Annotator, vocab: Vocabulary, device: Any, amp: bool):
         self.annotator, self.vocab, self.device, self.amp = annotator, vocab, device, amp
-        self.cuda = device.type == "cuda"
+        import torch
+
+        # the GPU path (pinned memory, events, post-processing there) once the annotator is on
+        # the GPU; a device named cuda whose tensors stay on the host (a test double) takes
+        # the host path
+        self.cuda = device.type == "cuda" and torch.cuda.is_initialized()
         self.phases = Phases()
         self.forward_s = 0.0
         self._events: list[list[Any]] = []  # CUDA: per group, events around its 4 phases
@@ -441,7 +446,7 @@ class _Pipeline:
                 self.phases.add("h2d", marks[1] - marks[0])
                 self.phases.add("forward", marks[2] - marks[1])
                 self.forward_s += marks[2] - marks[1]
-                return InFlight(group.rows, {"scores": s}, storage)
+                return InFlight(group.rows, {"scores": s.cpu()}, storage)
             from annotate.postprocess import device_arrays
 
             out = device_arrays(s, storage)
