@@ -103,9 +103,10 @@ class Phases:
     """Seconds spent per phase of a run, summed over the threads that do it (thread-safe).
 
     decode: reading, checking, resizing and stacking images (loader threads); h2d, forward,
-    post (post-processing on the device), d2h: on CUDA the device's own time, from CUDA
-    events; encode: compression (and, at image resolution, the resize and top-k on the
-    host); write: files and rename (writer threads).
+    d2h: copies and the model (on CUDA the device's own time, from CUDA events); post:
+    probabilities, top-k, float16 (on CUDA the device's time plus, at image resolution, the
+    resize on the host; on a CPU the writer threads' time); encode: compression; write:
+    files and rename (writer threads).
     """
 
     def __init__(self) -> None:
@@ -406,9 +407,9 @@ class _Pipeline:
     and the copies out."""
 
     def __init__(self, annotator: Annotator, vocab: Vocabulary, device: Any, amp: bool):
-        self.annotator, self.vocab, self.device, self.amp = annotator, vocab, device, amp
         import torch
 
+        self.annotator, self.vocab, self.device, self.amp = annotator, vocab, device, amp
         # the GPU path (pinned memory, events, post-processing there) once the annotator is on
         # the GPU; a device named cuda whose tensors stay on the host (a test double) takes
         # the host path
