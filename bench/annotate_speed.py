@@ -117,38 +117,31 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_here(setup: Setup, inputs: dict[str, str], profile: bool = False) -> dict[str, Any]:
-    """Measure the ``annotate`` package importable in this process on prepared inputs."""
+@dataclass
+class Timings:
+    """What the repeats of one measurement recorded (seconds; one entry per timed run)."""
+
+    forward: list[float] = dataclasses.field(default_factory=list)  # the bare forward loop
+    wall: list[float] = dataclasses.field(default_factory=list)  # full runs
+    forward_in_run: list[float] = dataclasses.field(default_factory=list)
+    cpu: list[float] = dataclasses.field(default_factory=list)  # process CPU (all threads)
+    phases: list[dict[str, float] | None] = dataclasses.field(default_factory=list)
+    digests: list[str] = dataclasses.field(default_factory=list)  # of the image groups
+    profile: list[dict[str, Any]] | None = None
+
+
+def _bare_loop(setup: Setup, manifest: Any, ann: Any, dev: Any, amp: bool) -> Any:
+    """A function timing the model alone over the batches, decoded and on the device."""
     import numpy as np
     import torch
 
-    if setup.threads:
-        torch.set_num_threads(setup.threads)
+    from annotate.run import plan_batches
 
-    import annotate
-    import data_manifest
-    from annotate.annotators import build_annotator
-    from annotate.config import AnnotateConfig
-    from annotate.run import plan_batches, run_annotation, select_device
-    from data_manifest import Manifest
-
-    m = data_manifest.load(inputs["manifest"])
-    cfg = AnnotateConfig(
-        annotator="torch",
-        model=inputs["model"],
-        batch_size=setup.batch_size,
-        device=setup.device,
-        splits=("unlabeled",),
-        workers=setup.workers,
-        topk=setup.topk,
-    )
-    ann = build_annotator(cfg, m)
-    dev = select_device(setup.device)
-    ann.to(dev)
-    amp = cfg.amp and dev.type == "cuda"
     batches = [  # in the memory layout the run gives the model: (B, H, W, 3) permuted
-        torch.from_numpy(np.stack([m.read_image(r) for r in b.rows])).permute(0, 3, 1, 2).to(dev)
-        for b in plan_batches(m, ("unlabeled",), setup.batch_size)
+        torch.from_numpy(np.stack([manifest.read_image(r) for r in b.rows]))
+        .permute(0, 3, 1, 2)
+        .to(dev)
+        for b in plan_batches(manifest, ("unlabeled",), setup.batch_size)
     ]
 
     def bare() -> float:
@@ -163,40 +156,83 @@ def run_here(setup: Setup, inputs: dict[str, str], profile: bool = False) -> dic
         _sync(dev)
         return time.perf_counter() - t
 
+    return bare
+
+
+def _time_runs(
+    setup: Setup, cfg: Any, manifest: Any, ann: Any, bare: Any, profile: bool
+) -> Timings:
+    """Warm up, then ``setup.repeats`` pairs (bare forward loop, full run into a fresh
+    cache), then with ``profile`` one more full run under the sampling profiler."""
+    from annotate.run import run_annotation
+    from data_manifest import Manifest
+
+    t = Timings()
     work = Path(tempfile.mkdtemp(prefix="annotate-speed-"))
+
+    def full(name: str, m: Any, sampler: Sampler | None = None) -> Any:
+        c0 = time.process_time()
+        with sampler or contextlib.nullcontext():
+            res = run_annotation(cfg, m, work / name, annotator=ann)
+        t.cpu.append(time.process_time() - c0)
+        t.digests.append(tree_digest(work / name / "images"))
+        shutil.rmtree(work / name)
+        return res
+
     try:
-        digests: list[str] = []
-
-        def full(name: str, manifest: Manifest, sampler: Sampler | None = None) -> Any:
-            with sampler or contextlib.nullcontext():
-                res = run_annotation(cfg, manifest, work / name, annotator=ann)
-            digests.append(tree_digest(work / name / "images"))
-            shutil.rmtree(work / name)
-            return res
-
         bare()  # warm-up: allocator, kernels, threads, first-call overheads
-        full("warm.zarr", Manifest(meta=m.meta, rows=m.rows[: 2 * setup.batch_size], path=m.path))
-        fwd, wall, fwd_in_run, phases = [], [], [], []
+        rows = manifest.rows[: 2 * setup.batch_size]
+        full("warm.zarr", Manifest(meta=manifest.meta, rows=rows, path=manifest.path))
+        del t.cpu[:], t.digests[:]
         for r in range(setup.repeats):
-            fwd.append(bare())
-            res = full(f"cache{r}.zarr", m)
-            wall.append(res.wall_s)
-            fwd_in_run.append(res.forward_s)
-            phases.append(
-                dict(res.phases, wall=res.wall_s) if getattr(res, "phases", None) else None
-            )
-        top = None
+            t.forward.append(bare())
+            res = full(f"cache{r}.zarr", manifest)
+            t.wall.append(res.wall_s)
+            t.forward_in_run.append(res.forward_s)
+            phases = getattr(res, "phases", None)  # (an earlier version has none)
+            t.phases.append(dict(phases, wall=res.wall_s) if phases else None)
         if profile:
             sampler = Sampler()
-            full("profile.zarr", m, sampler)
-            top = sampler.top()
+            full("profile.zarr", manifest, sampler)
+            t.profile = sampler.top()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    n = len(m.rows)
+    return t
+
+
+def run_here(setup: Setup, inputs: dict[str, str], profile: bool = False) -> dict[str, Any]:
+    """Measure the ``annotate`` package importable in this process on prepared inputs."""
+    import numpy as np
+    import torch
+
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+
+    import annotate
+    import data_manifest
+    from annotate.annotators import build_annotator
+    from annotate.config import AnnotateConfig
+    from annotate.run import select_device
+
+    m = data_manifest.load(inputs["manifest"])
+    cfg = AnnotateConfig(
+        annotator="torch",
+        model=inputs["model"],
+        batch_size=setup.batch_size,
+        device=setup.device,
+        splits=("unlabeled",),
+        workers=setup.workers,
+        topk=setup.topk,
+    )
+    ann = build_annotator(cfg, m)
+    dev = select_device(setup.device)
+    ann.to(dev)
+    bare = _bare_loop(setup, m, ann, dev, cfg.amp and dev.type == "cuda")
+    t = _time_runs(setup, cfg, m, ann, bare, profile)
+    n, wall, fwd = len(m.rows), t.wall, t.forward
     pairs = sorted(w / f for w, f in zip(wall, fwd, strict=True))
     ratio = float(np.median(pairs))
     target = GPU_TARGET if dev.type == "cuda" else TARGET
-    rows0 = m.rows[0]
     return {
         "bench": "annotate_speed",
         "code": str(Path(annotate.__file__).resolve().parents[1]),
@@ -204,7 +240,7 @@ def run_here(setup: Setup, inputs: dict[str, str], profile: bool = False) -> dic
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "images": n,
-        "image_size": [rows0.height, rows0.width],
+        "image_size": [m.rows[0].height, m.rows[0].width],
         "classes": len(m.classes),
         "topk": setup.topk,
         "batch_size": setup.batch_size,
@@ -215,9 +251,12 @@ def run_here(setup: Setup, inputs: dict[str, str], profile: bool = False) -> dic
         "wall_s": round(min(wall), 4),
         "forward_s_all": [round(v, 4) for v in fwd],
         "wall_s_all": [round(v, 4) for v in wall],
-        "forward_inside_run_s": [round(v, 4) for v in fwd_in_run],
+        "forward_inside_run_s": [round(v, 4) for v in t.forward_in_run],
         "images_per_s": round(n / float(np.median(wall)), 3),
         "images_per_s_best": round(n / min(wall), 3),
+        # CPU time of the whole process per image: what counts when other processes take
+        # the cores (a shared machine), where images per second follow the CPU share
+        "cpu_ms_per_image": round(1000 * float(np.median(t.cpu[: setup.repeats])) / n, 2),
         "forward_images_per_s": round(n / float(np.median(fwd)), 3),
         "ratio": round(ratio, 4),
         "ratio_pairs": [round(v, 4) for v in pairs],
@@ -226,12 +265,12 @@ def run_here(setup: Setup, inputs: dict[str, str], profile: bool = False) -> dic
         # is not overlapped with the model (the rest of `ratio` is the model itself running
         # slower beside the pipeline's threads, on a CPU, or machine noise)
         "wall_over_forward_inside_run": round(
-            float(np.median([w / f for w, f in zip(wall, fwd_in_run, strict=True)])), 4
+            float(np.median([w / f for w, f in zip(wall, t.forward_in_run, strict=True)])), 4
         ),
-        "phases_s": _median_phases(phases),
-        "images_sha256": digests[1],  # of the first timed run's image groups
-        "runs_identical": len(set(digests[1:])) == 1,
-        "profile": top,
+        "phases_s": _median_phases(t.phases),
+        "images_sha256": t.digests[0],  # of the first timed run's image groups
+        "runs_identical": len(set(t.digests)) == 1,
+        "profile": t.profile,
         "target": target,
         "ok": ratio <= target,
     }
@@ -373,6 +412,7 @@ def compare(s: Setup, rev: str, rounds: int, profile: bool) -> dict[str, Any]:
         last = side[-1]
         return {
             "images_per_s": round(float(np.median([x["images_per_s"] for x in side])), 3),
+            "cpu_ms_per_image": round(float(np.median([x["cpu_ms_per_image"] for x in side])), 2),
             "ratio": round(float(np.median([x["ratio"] for x in side])), 4),
             "phases_s": last["phases_s"],
             "profile": last["profile"],
@@ -391,6 +431,17 @@ def compare(s: Setup, rev: str, rounds: int, profile: bool) -> dict[str, Any]:
         "current_code": summary(runs["current"]),
         "speedup": round(float(np.median(speedups)), 4),
         "speedup_rounds": [round(v, 4) for v in speedups],
+        "cpu_time_ratio": round(
+            float(
+                np.median(
+                    [
+                        b["cpu_ms_per_image"] / c["cpu_ms_per_image"]
+                        for b, c in zip(runs["baseline"], runs["current"], strict=True)
+                    ]
+                )
+            ),
+            4,
+        ),
         # the image groups of the current code's runs against the baseline's, byte for byte
         "cache_identical_to_baseline": all(
             b["images_sha256"] == c["images_sha256"]
@@ -416,6 +467,12 @@ def _print_result(r: dict[str, Any]) -> None:
         b, c = r["baseline"], r["current_code"]
         rows = [
             ["images / s (median)", b["images_per_s"], c["images_per_s"], r["speedup"]],
+            [
+                "CPU ms per image (all threads)",
+                b["cpu_ms_per_image"],
+                c["cpu_ms_per_image"],
+                f"1 / {r['cpu_time_ratio']}",
+            ],
             ["wall / forward (median of pairs)", b["ratio"], c["ratio"], ""],
         ]
         title = (
