@@ -120,8 +120,10 @@ def to_probs(scores: np.ndarray, normalization: str) -> np.ndarray:
     """
     s = scores.astype(np.float32, copy=False)
     if normalization == "softmax":
-        e = np.exp(s - s.max(axis=0, keepdims=True))
-        return e / e.sum(axis=0, keepdims=True)
+        e = np.subtract(s, s.max(axis=0, keepdims=True))
+        np.exp(e, out=e)
+        e /= e.sum(axis=0, keepdims=True)
+        return e
     if normalization in ("sum", "probs"):
         s = np.maximum(s, 0.0)
         total = s.sum(axis=0, keepdims=True)

@@ -15,7 +15,6 @@ from annotate.cache import (
     finish_image,
     resize_chw,
     storage_for,
-    to_probs,
     topk_encode,
 )
 from annotate.postprocess import device_arrays, topk
@@ -69,11 +68,21 @@ def test_topk_zeros_negative_zero_and_nan():
         topk_encode(np.zeros((300, 2, 2), np.float32), 2)
 
 
+def _schema_1_probs(s: np.ndarray, normalization: str) -> np.ndarray:
+    """Schema 1's probabilities over axis 0, as its writer computed them."""
+    if normalization == "softmax":
+        e = np.exp(s - s.max(axis=0, keepdims=True))
+        return e / e.sum(axis=0, keepdims=True)
+    s = np.maximum(s, 0.0)
+    total = s.sum(axis=0, keepdims=True)
+    return np.where(total > 0, s / np.where(total > 0, total, 1.0), np.float32(1.0 / len(s)))
+
+
 def _schema_1(scores: np.ndarray, st: Storage, height: int, width: int) -> dict[str, np.ndarray]:
     """What schema 1 stored: numpy probabilities, resized, then a stable sort or float16."""
     if st.mode == "scores":
         return {"scores": scores.astype(np.float16)}
-    p = to_probs(scores, st.normalization)
+    p = _schema_1_probs(scores, st.normalization)
     if st.resize:
         p = resize_chw(p, height, width)
     if st.mode == "probs":
