@@ -137,37 +137,27 @@ def _close_to_host(device: dict[str, torch.Tensor], s: np.ndarray, st: Storage) 
                 )
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("norm", ["softmax", "sum"])
-def test_device_computation_on_a_cpu_is_close_to_the_host_one(norm):
-    rng = np.random.default_rng(6)
-    s = (rng.normal(size=(2, 21, 37, 50)) * 3).astype(np.float32)
-    if norm == "sum":
-        s = np.abs(s)
-    for st in (Storage("topk", 21, 4, norm, False), Storage("scores", 21, 0, norm, False)):
-        _close_to_host(device_arrays(torch.from_numpy(s), st), s, st)
-    st = Storage("topk", 21, 2, norm, True)
-    assert device_arrays(torch.from_numpy(s), st)["probs"].dtype == torch.float32
-
-
-# -- CUDA ------------------------------------------------------------------------------------
-
-
-@pytest.mark.gpu
-@CUDA
-@pytest.mark.parametrize("norm", ["softmax", "sum"])
-def test_cuda_post_processing_matches_the_host(norm):
-    """VOC size, K = 21, in channels-last memory as convolutions leave it."""
+def test_device_computation_is_close_to_the_host_one(device, norm):
+    """VOC size on CUDA (smaller on a CPU), K = 21, in the channels-last memory that
+    convolutions leave scores in."""
     rng = np.random.default_rng(7)
-    s = (rng.normal(size=(2, 21, 375, 500)) * 3).astype(np.float32)
+    shape = (2, 21, 375, 500) if device == "cuda" else (2, 21, 37, 50)
+    s = (rng.normal(size=shape) * 3).astype(np.float32)
     if norm == "sum":
         s = np.abs(s)
-    x = torch.from_numpy(s).cuda().contiguous(memory_format=torch.channels_last)
+    x = torch.from_numpy(s).to(device).contiguous(memory_format=torch.channels_last)
     for st in (Storage("topk", 21, 4, norm, False), Storage("scores", 21, 0, norm, False)):
         out = device_arrays(x, st)
-        assert all(a.is_cuda for a in out.values())
+        assert all(a.device.type == device for a in out.values())
         _close_to_host(out, s, st)
     half = device_arrays(x, Storage("scores", 21, 0, norm, False))["scores"].cpu().numpy()
     np.testing.assert_array_equal(half, s.astype(np.float16))  # the cast is exact rounding
+    assert device_arrays(x, Storage("topk", 21, 2, norm, True))["probs"].dtype == torch.float32
+
+
+# -- CUDA ------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
