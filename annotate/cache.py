@@ -254,19 +254,17 @@ def encode_image(scores: np.ndarray, st: Storage, height: int, width: int) -> di
         return {"scores": scores.astype(np.float16)}
     num, h, w = scores.shape
     step = max(1, 32768 // w)
-    pieces = [
-        (slice(r, min(r + step, h)), np.ascontiguousarray(scores[:, r : r + step]))
-        for r in range(0, h, step)
-    ]
+    blocks = [slice(r, min(r + step, h)) for r in range(0, h, step)]
     if st.resize:
         p = np.empty((num, h, w), np.float32)
-        for rows, piece in pieces:
-            p[:, rows] = to_probs(piece, st.normalization)
+        for rows in blocks:
+            p[:, rows] = to_probs(np.ascontiguousarray(scores[:, rows]), st.normalization)
         return finish_image({"probs": p}, st, height, width)
     index = np.empty((st.k, h, w), np.uint8)
     prob = np.empty((st.k, h, w), np.float16)
-    for rows, piece in pieces:
-        index[:, rows], prob[:, rows] = topk_encode(to_probs(piece, st.normalization), st.k)
+    for rows in blocks:
+        block = to_probs(np.ascontiguousarray(scores[:, rows]), st.normalization)
+        index[:, rows], prob[:, rows] = topk_encode(block, st.k)
     return {"topk_index": index, "topk_prob": prob}
 
 
