@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from calibrate.folder import check_complete
 from data_manifest.cli_support import console, progress, table
 from data_manifest.config import section_dict, write_resolved
 from data_manifest.errors import UserError
@@ -259,6 +260,7 @@ def _check_inputs(cfg: TrainConfig, manifest: Manifest, pseudo_dir: Path) -> Non
     tdata.check_labels(manifest, labeled, None, cfg.check_labels)
     tdata.check_labels(manifest, manifest.split("val"), None, cfg.check_labels)
     if cfg.uses_pseudo:
+        check_complete(pseudo_dir, [r.id for r in unlabeled], verify=cfg.check_labels)
         tdata.check_labels(manifest, unlabeled, pseudo_dir, cfg.check_labels)
 
 
