@@ -6,9 +6,11 @@ is a bare loop of the model alone over batches already decoded and on the device
 copied, nothing post-processed); the wall time is a full run (decoding, forward passes,
 probabilities, top-k, copies to the host, compression and atomic writes) into a fresh cache.
 ``ratio`` is the median over ``repeats`` back-to-back pairs (forward loop, full run), so a
-machine whose load changes over the minutes hurts both sides of a pair alike. A run of the
-current code also reports its time per phase (decode, H2D, forward, post-process, D2H, encode,
-write; summed over threads) and, with ``--profile``, a sampling profile of every thread.
+machine whose load changes over the minutes hurts both sides of a pair alike. The CPU time of
+the process per image is reported too (on a machine shared with other jobs, images per second
+follow it). A run of this version also reports its time per phase (decode, H2D, forward,
+post-process, D2H, encode, write; summed over threads) and, with ``--profile``, a sampling
+profile of every thread.
 
 Data sets and models:
 
@@ -20,15 +22,16 @@ Data sets and models:
 ``--baseline REV`` measures the pipeline of git revision REV as well, on the same images, model
 and settings: REV is exported with ``git archive`` into a temporary folder and each side runs in
 its own subprocess with ``PYTHONPATH`` pointing at its code, the two alternating for
-``--rounds`` rounds; it prints both and the ratio of images per second.
+``--rounds`` rounds; it prints both, the ratios of images per second and of CPU time, and
+whether the image groups the two write are byte-identical.
 
 On a CPU the decoding and writing threads compete with the model for the same cores; with
 ``--threads 1`` the model computes on one core and the pipeline uses the others, which is the
 situation of a GPU run (the model on the device, the pipeline on the host).
 
     python bench/annotate_speed.py [--images 96] [--batch-size 8] [--device auto] [--threads N]
-    python bench/annotate_speed.py --model conv1x1 --size 500x375 --classes 21 --baseline main
-    python bench/annotate_speed.py --model r101 --device cuda --images 320 --baseline main
+    python bench/annotate_speed.py --model conv1x1 --size 500x375 --classes 21 --baseline REV
+    python bench/annotate_speed.py --model r101 --device cuda --images 320 --baseline REV
 """
 
 from __future__ import annotations
@@ -403,10 +406,9 @@ def compare(s: Setup, rev: str, rounds: int, profile: bool) -> dict[str, Any]:
                 runs[name].append(
                     run_child(s, tmp_path / "inputs" / "inputs.json", code, out, last)
                 )
-    speedups = [
-        c["images_per_s"] / b["images_per_s"]
-        for b, c in zip(runs["baseline"], runs["current"], strict=True)
-    ]
+    pairs = list(zip(runs["baseline"], runs["current"], strict=True))
+    speedups = [c["images_per_s"] / b["images_per_s"] for b, c in pairs]
+    cpu_ratios = [b["cpu_ms_per_image"] / c["cpu_ms_per_image"] for b, c in pairs]
 
     def summary(side: list[dict[str, Any]]) -> dict[str, Any]:
         last = side[-1]
@@ -431,21 +433,10 @@ def compare(s: Setup, rev: str, rounds: int, profile: bool) -> dict[str, Any]:
         "current_code": summary(runs["current"]),
         "speedup": round(float(np.median(speedups)), 4),
         "speedup_rounds": [round(v, 4) for v in speedups],
-        "cpu_time_ratio": round(
-            float(
-                np.median(
-                    [
-                        b["cpu_ms_per_image"] / c["cpu_ms_per_image"]
-                        for b, c in zip(runs["baseline"], runs["current"], strict=True)
-                    ]
-                )
-            ),
-            4,
-        ),
+        "cpu_time_ratio": round(float(np.median(cpu_ratios)), 4),
         # the image groups of the current code's runs against the baseline's, byte for byte
         "cache_identical_to_baseline": all(
-            b["images_sha256"] == c["images_sha256"]
-            for b, c in zip(runs["baseline"], runs["current"], strict=True)
+            b["images_sha256"] == c["images_sha256"] for b, c in pairs
         ),
     }
 
@@ -484,9 +475,8 @@ def _print_result(r: dict[str, Any]) -> None:
             f"speed-up per round: {r['speedup_rounds']}; image groups byte-identical to the "
             f"baseline's: {'yes' if r['cache_identical_to_baseline'] else 'no'}"
         )
-        phases, profile = c["phases_s"], c["profile"] or b["profile"]
-        if b["profile"]:
-            _print_profile("baseline", b["profile"])
+        phases = c["phases_s"]
+        profiles = [("baseline", b["profile"]), ("current", c["profile"])]
     else:
         console.print(
             f"annotate wall / forward = {r['ratio']:.3f} (median of pairs; target <= "
@@ -494,22 +484,20 @@ def _print_result(r: dict[str, Any]) -> None:
             f"{r['torch_threads']} torch threads, {r['images']} images of "
             f"{r['image_size'][0]}x{r['image_size'][1]}, {r['model']}"
         )
-        phases, profile = r["phases_s"], r["profile"]
+        phases, profiles = r["phases_s"], [("this", r["profile"])]
     if phases:
         wall = phases.get("wall", 0.0) or 1.0
         shown = [[k, v, f"{100 * v / wall:.0f} %"] for k, v in phases.items() if k != "wall"]
         console.print(
             table(
-                f"where the time goes (current code; seconds summed over threads, one run of "
-                f"{wall:.2f} s wall)",
+                f"where the time goes (seconds summed over threads, one run of {wall:.2f} s wall)",
                 ["phase", "seconds", "of wall"],
                 shown,
             )
         )
-    if profile and r["bench"] != "annotate_speed_vs_baseline":
-        _print_profile("current", profile)
-    elif profile and r["current_code"]["profile"]:
-        _print_profile("current", r["current_code"]["profile"])
+    for name, top in profiles:
+        if top:
+            _print_profile(name, top)
 
 
 def _print_profile(name: str, top: list[dict[str, Any]]) -> None:
