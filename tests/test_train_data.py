@@ -21,8 +21,9 @@ from train.data import (
     check_labels,
     make_joint_loader,
 )
-from train.engine import cutmix, lambda_at, make_plan, masked_ce, poly_factor
+from train.losses import cutmix, masked_ce
 from train.metrics import confusion, iou_per_class, summarize
+from train.schedule import lambda_at, make_plan, poly_factor
 
 
 def test_sampler_positions_do_not_depend_on_world_size():

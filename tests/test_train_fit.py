@@ -22,9 +22,9 @@ from data_manifest.manifest import load
 from train import data as tdata
 from train.cli import app
 from train.config import TrainConfig
-from train.engine import _step_loss, lambda_at
 from train.inference import load_checkpoint_model
-from train.models import build_model
+from train.schedule import lambda_at
+from train.trainer import Trainer
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,49 +71,37 @@ def fitted(tiny):
     return base / "run" / "train", sources, result.output
 
 
-def test_a_few_real_steps_reduce_the_loss(tiny):
+def test_a_few_real_steps_reduce_the_loss(tiny, tmp_path):
     base, manifest_path = tiny
-    m = load(manifest_path)
-    cfg = TrainConfig(arch="deeplabv3plus_effl0", crop=32, batch_size=2, lr=0.01)
-    weak = tdata.Augment(32, 0.75, 1.25)
-    streams = [
-        tdata.SegDataset(m, m.split("labeled"), "gt", weak, 0, 0),
-        tdata.SegDataset(
-            m, m.split("unlabeled"), "pseudo", weak, 0, 1, base / "run" / "pseudo" / "cp"
-        ),
-    ]
-    lb, ub = next(iter(tdata.make_joint_loader(streams, 2, 0, 1, 1, 0, 1, 0)))
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus_effl0", 3, pretrained=False, **TINY_MODEL).train()
-    opt = torch.optim.SGD(
-        [
-            {"params": model.backbone_parameters(), "lr": 0.01},
-            {"params": model.head_parameters(), "lr": 0.1},
-        ],
-        momentum=0.9,
+    cfg = TrainConfig(
+        arch="deeplabv3plus_effl0",
+        pretrained=False,
+        model_kwargs=TINY_MODEL,
+        crop=32,
+        batch_size=2,
+        lr=0.01,
+        scale_min=0.75,
+        scale_max=1.25,
+        device="cpu",
+        length_unit="iters",
+        stage1_length=100,
+        stage2=False,
     )
+    trainer = Trainer(
+        cfg,
+        load(manifest_path),
+        out=tmp_path / "run",
+        pseudo_dir=base / "run" / "pseudo" / "cp",
+        seed=0,
+        show_progress=False,
+    )
+    batch = next(iter(trainer.loader(1, 0, 1)))
     losses = []
     for _ in range(6):
-        opt.zero_grad()
-        loss, l_s, l_u = _step_loss(
-            1,
-            model,
-            model,
-            lb,
-            ub,
-            cfg,
-            0.0,
-            torch.device("cpu"),
-            (0.5,) * 3,
-            (0.5,) * 3,
-            torch.contiguous_format,
-            torch.autocast("cpu", enabled=False),
-            torch.Generator(),
-        )
-        torch.testing.assert_close(loss, l_s + l_u)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        record = trainer.train_step(0, iter([batch]))  # the same batch, the first lr
+        # Stage I: the mean of the supervised and the pseudo-label loss (pseudo_weight 1)
+        assert record["loss"] == pytest.approx(0.5 * (record["loss_s"] + record["loss_u"]))
+        losses.append(record["loss"])
     assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -125,21 +113,19 @@ def test_stage_one_then_two(fitted):
     assert [r["iter"] for r in train] == [1, 2, 3, 4, 5]
     # Stage I reads GT + pseudo PNGs, Stage II GT + unlabeled images without PNGs
     assert sources == [("gt", 4), ("pseudo", 6), ("gt", 4), ("none", 6)]
+    # L = (1 - λ)·L_s + λ·L_u throughout: Stage I's λ is 1/2 (pseudo_weight 1), Stage II's
+    # λ(t) starts at lambda0 = 1/2, so the loss neither halves nor jumps at the switch
     assert [r["lambda"] for r in train] == [
-        0.0,
-        0.0,
-        0.0,
+        0.5,
+        0.5,
+        0.5,
         lambda_at(0.0, 0.5, 3.0),
         lambda_at(0.5, 0.5, 3.0),
     ]
+    assert train[2]["lambda"] == train[3]["lambda"]
     for r in train:
         lam = r["lambda"]
-        expected = (
-            r["loss_s"] + r["loss_u"]
-            if r["stage"] == 1
-            else (1 - lam) * r["loss_s"] + lam * r["loss_u"]
-        )
-        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert r["loss"] == pytest.approx((1 - lam) * r["loss_s"] + lam * r["loss_u"], rel=1e-5)
         assert r["loss_u"] > 0
     evals = [r for r in recs if r["type"] == "eval"]
     assert [e["iter"] for e in evals] == [3, 5]  # end of each stage

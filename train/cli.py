@@ -106,7 +106,7 @@ def fit(
         "data": data,
         "train": {**section_dict(tcfg), "out": str(out_dir), "pseudo_dir": str(pdir)},
     }
-    from train.engine import fit as run_fit
+    from train.trainer import fit as run_fit
 
     run_fit(
         tcfg,
@@ -173,7 +173,7 @@ def evaluate(
     import torch
 
     from data_manifest.io import atomic_write_json
-    from train.engine import evaluate_rows, print_iou_table
+    from train.evaluation import EvalSettings, evaluate_rows, print_iou_table
     from train.metrics import summarize
 
     _, m, model, info = _open_checkpoint(config, manifest, checkpoint, device, mode)
@@ -184,9 +184,8 @@ def evaluate(
             f"{m.path}: split {split!r} has {problem}; expected a labeled split such as 'val'"
         )
     dev = next(model.parameters()).device
-    conf = evaluate_rows(
-        model, m, rows, info["mean"], info["std"], mode, crop, stride, torch.device(dev)
-    )
+    settings = EvalSettings(info["mean"], info["std"], mode, crop, stride)
+    conf = evaluate_rows(model, m, rows, settings, torch.device(dev))
     summary = summarize(conf, m.classes)
     print_iou_table(f"{checkpoint} on {split} ({len(rows)} images, {mode})", summary)
     if out is not None:

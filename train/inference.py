@@ -66,12 +66,15 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> nn.Module:
     """Build the architecture named in ``ckpt["info"]`` and load its weights (strict)."""
     info = ckpt["info"]
-    model = build_model(
-        info["arch"],
-        int(info["num_classes"]),
-        pretrained=False,
-        **dict(info.get("model_kwargs", {})),
-    )
+    try:
+        model = build_model(
+            info["arch"],
+            int(info["num_classes"]),
+            pretrained=False,
+            **dict(info.get("model_kwargs", {})),
+        )
+    except ImportError as exc:
+        raise UserError(f"{path}: arch {info['arch']!r}: {exc}") from None
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as exc:
