@@ -75,7 +75,8 @@ def make_dataset(
 
 
 def write_config(path: Path, run_dir: Path, **train: object) -> Path:
-    """A run config with a tiny, fast [train] section; ``train`` overrides keys."""
+    """A run config with a tiny, fast [train] section; ``train`` overrides keys (None
+    leaves a key out)."""
     keys: dict[str, object] = {
         "arch": "deeplabv3plus_effl0",
         "pretrained": False,
@@ -104,7 +105,7 @@ def write_config(path: Path, run_dir: Path, **train: object) -> Path:
         return repr(v)
 
     lines = [f'run_dir = "{run_dir}"', "seed = 3", "", "[train]"]
-    lines += [f"{k} = {val(v)}" for k, v in keys.items()]
+    lines += [f"{k} = {val(v)}" for k, v in keys.items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_fixtures import CLASSES, PALETTE, SUBPROCESS_ENV, TINY_MODEL, make_dataset, write_config
+from _train_fixtures import (
+    CLASSES,
+    PALETTE,
+    SUBPROCESS_ENV,
+    TINY_MODEL,
+    make_dataset,
+    save_tiny_mit,
+    write_config,
+)
 from typer.testing import CliRunner
 
 from data_manifest.io import encode_label_png, read_label_png
@@ -189,6 +197,101 @@ def test_no_stage2_and_labeled_only(tiny, tmp_path):
         2,
         2,
     ]
+
+
+def test_segformer_trains_end_to_end_through_the_command_line(tiny, tmp_path):
+    """arch = "segformer" from a save_pretrained folder (a tiny random MiT, as nvidia/mit-b5 is
+    published), Stage I + Stage II by `python -m train fit`; the checkpoints load without it."""
+    base, manifest = tiny
+    folder = save_tiny_mit(tmp_path / "mit-tiny")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        arch="segformer",
+        pretrained=True,
+        backbone_weights=str(folder),
+        model_kwargs=None,
+        stage1_length=2,
+        stage2_length=2,
+        eval_every=4,
+        stage2_mode="weak_strong",
+    )
+    out = tmp_path / "segformer"
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run(
+        _cmd(cfg, manifest, "--out", str(out)), env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [x for x in _metrics(out) if x["type"] == "train"]
+    assert [x["stage"] for x in train] == [1, 1, 2, 2]
+    assert all(np.isfinite(x["loss"]) and x["loss_s"] > 0 for x in train)
+    final = json.loads((out / "final.json").read_text())
+    assert final["classes"] == CLASSES and 0 <= final["miou"] <= 1
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    model, info = load_checkpoint_model(out / "best.pt")
+    assert info["arch"] == "segformer" and info["mean"] == [0.485, 0.456, 0.406]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 48)).shape == (1, 3, 32, 48)
+
+
+def test_segformer_resumes_exactly_despite_dropout_and_drop_path(tiny, tmp_path):
+    """SegFormer trains with dropout and drop path (torch's generator): a run cut short in
+    Stage II and resumed ends with the bytes of an uninterrupted run."""
+    base, manifest = tiny
+    folder = save_tiny_mit(tmp_path / "mit-tiny")
+    cfg = TrainConfig(
+        arch="segformer",
+        backbone_weights=str(folder),
+        crop=32,
+        batch_size=2,
+        lr=0.01,
+        workers=0,
+        device="cpu",
+        length_unit="iters",
+        stage1_length=2,
+        stage2_length=2,
+        save_every=1,
+    )
+    m = load(manifest)
+    kw = dict(pseudo_dir=base / "run" / "pseudo" / "cp", seed=3, show_progress=False)
+    Trainer(cfg, m, out=tmp_path / "a", **kw).fit()
+    cut = Trainer(cfg, m, out=tmp_path / "b", **kw)
+    cut.restore(resume=False)
+    cut.train_stage(1, 0, 2)
+    cut.train_stage(2, 2, 3)  # stopped here, as by a kill after latest.pt at iteration 3
+    cut.folder.close()
+    assert torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["info"]["iteration"] == 3
+    Trainer(cfg, m, out=tmp_path / "b", **kw).fit(resume=True)
+    for name in ("metrics.jsonl", "final.json", "best.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_segformer_configuration_errors_are_one_line(tiny, tmp_path, monkeypatch):
+    base, manifest = tiny
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        arch="segformer",
+        pretrained=True,
+        backbone_weights=str(tmp_path / "mit-b5"),
+        model_kwargs=None,
+    )
+    r = _fit(cfg, manifest)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert (
+        "[train] backbone_weights = '" + str(tmp_path / "mit-b5") + "': folder not found; "
+        "expected a folder written by save_pretrained"
+    ) in r.output.replace("\n", "")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the [hf] extra not installed
+    r = _fit(cfg, manifest)
+    assert r.exit_code == 1
+    assert (
+        "[train] arch = 'segformer': transformers is not installed; expected the [hf] extra"
+        in r.output
+    )
 
 
 def test_bad_inputs_give_one_line(tiny, tmp_path):
@@ -408,6 +511,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(nproc: int, cfg: Path, manifest: Path, out: Path, timeout: int = 300):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        *_cmd(cfg, manifest, "--out", str(out))[1:],
+    ]
+    env = {**os.environ, **SUBPROCESS_ENV}
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_ddp_run(out: Path, world: int) -> None:
+    recs = _metrics(out)
+    train = [x for x in recs if x["type"] == "train"]
+    assert [x["stage"] for x in train] == [1, 1, 2, 2]
+    assert all(np.isfinite(x["loss"]) for x in train)
+    # rank 0 writes each record once; evaluations at the end of each stage
+    assert [x["iter"] for x in recs if x["type"] == "eval"] == [2, 4]
+    state = torch.load(out / "latest.pt", weights_only=True)["train_state"]
+    assert state["world_size"] == world and state["iteration"] == 4
+    assert json.loads((out / "final.json").read_text())["iterations"] == 4
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"}
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
     base, manifest = tiny
@@ -420,40 +556,16 @@ def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
         batch_size=1,
         accum_steps=2,
     )
-    env = {**os.environ, **SUBPROCESS_ENV}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "train",
-        "fit",
-        "--config",
-        str(cfg),
-        "--manifest",
-        str(manifest),
-        "--quiet",
-        "--out",
-        str(tmp_path / "ddp"),
-    ]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "ddp"
+    r = _torchrun(2, cfg, manifest, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    recs = _metrics(tmp_path / "ddp")
-    train = [x for x in recs if x["type"] == "train"]
-    assert [x["stage"] for x in train] == [1, 1, 2, 2]
-    assert all(np.isfinite(x["loss"]) for x in train)
-    # rank 0 writes each record once; evaluations at the end of each stage
-    assert [x["iter"] for x in recs if x["type"] == "eval"] == [2, 4]
-    state = torch.load(tmp_path / "ddp" / "latest.pt", weights_only=True)["train_state"]
-    assert state["world_size"] == 2 and state["iteration"] == 4
-    final = json.loads((tmp_path / "ddp" / "final.json").read_text())
-    assert final["iterations"] == 4
+    _check_ddp_run(out, world=2)
+    # Re-running the finished run: every rank restores the last evaluation and returns (rank 1
+    # used to evaluate again alone and wait on rank 0 in a collective).
+    before = _outputs(out)
+    r = _torchrun(2, cfg, manifest, out, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _outputs(out) == before
 
 
 def test_resume_refuses_changed_pseudo_labels(tiny, tmp_path):
@@ -490,3 +602,34 @@ def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path):
     assert len(train) == 4 and all(np.isfinite(x["loss"]) for x in train)
     model, _ = load_checkpoint_model(tmp_path / "gpu" / "best.pt", map_location="cuda")
     assert next(model.parameters()).is_cuda
+    state = torch.load(tmp_path / "gpu" / "latest.pt", weights_only=True)["train_state"]
+    assert state["scaler"]["scale"] > 0  # float16 autocast with gradient scaling ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ddp_on_cuda_through_nccl(tiny, tmp_path):
+    """torchrun on the GPUs there are (two, or one: NCCL refuses two ranks on one GPU), the
+    code path of a multi-GPU run: process group cpu:gloo,cuda:nccl, DDP, SyncBatchNorm, AMP."""
+    base, manifest = tiny
+    world = min(2, torch.cuda.device_count())
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        stage1_length=2,
+        stage2_length=2,
+        eval_every=4,
+        batch_size=1,
+        accum_steps=2,
+        stage2_mode="weak_strong",
+        device="cuda",
+        workers=1,
+    )
+    out = tmp_path / "nccl"
+    r = _torchrun(world, cfg, manifest, out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _check_ddp_run(out, world=world)
+    before = _outputs(out)
+    r = _torchrun(world, cfg, manifest, out, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _outputs(out) == before

@@ -137,7 +137,8 @@ class Trainer:
             cfg.eval_stride or max(1, eval_crop * 2 // 3),
         )
         torch.manual_seed(seed)
-        self.model = _build(cfg, manifest.num_classes).to(self.device)
+        # train mode: transformers' from_pretrained returns a model in eval mode
+        self.model = _build(cfg, manifest.num_classes).to(self.device).train()
         self.net: nn.Module = self.model
         self.optimizer = make_optimizer(cfg, self.model)
         cuda = self.device.type == "cuda"
