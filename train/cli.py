@@ -1,4 +1,7 @@
-"""``python -m train``: fit, evaluate, predict, export-splits."""
+"""``python -m train``: fit, evaluate, predict, export-splits.
+
+Each command's parameters are its command-line options (Typer), hence more than eight.
+"""
 
 from __future__ import annotations
 

@@ -250,7 +250,8 @@ class StreamSampler(Sampler):
     """Batches of ``(index, position)`` for iterations ``[start, stop)`` of one rank.
 
     Iteration ``it``, accumulation step ``a``, rank ``r`` and slot ``b`` read position
-    ``((it * accum + a) * world + r) * batch + b`` of the stream.
+    ``((it * accum + a) * world + r) * batch + b`` of the stream. (Nine parameters: each is a
+    term of that formula or of the per-epoch permutation's seed.)
     """
 
     def __init__(

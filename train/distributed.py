@@ -113,6 +113,15 @@ def broadcast_object(obj: Any, d: Dist) -> Any:
     return box[0]
 
 
+def sync_buffers(model: nn.Module, d: Dist) -> None:
+    """Give every process rank 0's buffers (batch-norm running statistics), so that all ranks
+    evaluate the model that rank 0 saves. Without SyncBatchNorm (CPU runs) each rank's last
+    forward pass has updated its own statistics."""
+    if d.joined:
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def wrap_model(model: nn.Module, d: Dist, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """``(net, model)``: the network to train through and the bare model it wraps.
 

@@ -44,6 +44,7 @@ from train.distributed import (
     device_type,
     pick_device,
     setup_distributed,
+    sync_buffers,
     wrap_model,
 )
 from train.evaluation import EvalSettings, evaluate_rows, print_iou_table
@@ -115,11 +116,8 @@ class Trainer:
         show_progress: bool = True,
     ) -> None:
         self.cfg, self.manifest, self.seed = cfg, manifest, seed
-        self.pseudo_dir, self.resolved, self.show_progress = (
-            Path(pseudo_dir),
-            resolved,
-            show_progress,
-        )
+        self.pseudo_dir = Path(pseudo_dir)
+        self.resolved, self.show_progress = resolved, show_progress
         self.dist = setup_distributed(device_type(cfg.device))
         self.device = pick_device(cfg.device, self.dist.local_rank)
         tdata.check_inputs(cfg, manifest, self.pseudo_dir)
@@ -194,8 +192,10 @@ class Trainer:
             self.best_miou, self.best_iter = float(state["best_miou"]), int(state["best_iter"])
         self.folder.prepare(self.iteration, self.resolved)
         if self.iteration > 0:
-            last = self.folder.last_eval(self.iteration, self.manifest.classes)
-            self.last_eval = broadcast_object(last, self.dist)  # only rank 0 reads metrics
+            last = None
+            if self.dist.main:  # rank 0 has just cut metrics.jsonl back to the checkpoint
+                last = self.folder.last_eval(self.iteration, self.manifest.classes)
+            self.last_eval = broadcast_object(last, self.dist)
 
     def train_stage(self, stage: int, begin: int, end: int) -> None:
         """Iterations ``[begin, end)`` of ``stage`` with the real input pipeline, logging,
@@ -310,6 +310,7 @@ class Trainer:
         """Evaluate on val after ``iteration`` iterations: log it, keep ``best.pt``, print a
         table and redraw the plots (rank 0). Returns the summary (miou, acc, iou)."""
         it = self.iteration
+        sync_buffers(self.model, self.dist)
         conf = evaluate_rows(
             self.model, self.manifest, self.val, self.eval_settings, self.device, self.dist
         )
