@@ -79,19 +79,21 @@ def fitted(tiny):
     return base / "run" / "train", sources, result.output
 
 
+def _tiny_config(**train: object) -> TrainConfig:
+    """A [train] section for in-process runs on the tiny dataset: 32-px crops, 2 + 2 images
+    per step, iterations as the unit, CPU, no loader workers."""
+    keys: dict = dict(crop=32, batch_size=2, lr=0.01, workers=0, device="cpu", length_unit="iters")
+    return TrainConfig(**{**keys, **train})
+
+
 def test_a_few_real_steps_reduce_the_loss(tiny, tmp_path):
     base, manifest_path = tiny
-    cfg = TrainConfig(
+    cfg = _tiny_config(
         arch="deeplabv3plus_effl0",
         pretrained=False,
         model_kwargs=TINY_MODEL,
-        crop=32,
-        batch_size=2,
-        lr=0.01,
         scale_min=0.75,
         scale_max=1.25,
-        device="cpu",
-        length_unit="iters",
         stage1_length=100,
         stage2=False,
     )
@@ -241,15 +243,9 @@ def test_segformer_resumes_exactly_despite_dropout_and_drop_path(tiny, tmp_path)
     Stage II and resumed ends with the bytes of an uninterrupted run."""
     base, manifest = tiny
     folder = save_tiny_mit(tmp_path / "mit-tiny")
-    cfg = TrainConfig(
+    cfg = _tiny_config(
         arch="segformer",
         backbone_weights=str(folder),
-        crop=32,
-        batch_size=2,
-        lr=0.01,
-        workers=0,
-        device="cpu",
-        length_unit="iters",
         stage1_length=2,
         stage2_length=2,
         save_every=1,
@@ -544,8 +540,10 @@ def _outputs(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"}
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
+def _ddp_run_and_rerun(tiny, tmp_path: Path, world: int, **train: object) -> None:
+    """Train 2 + 2 iterations under torchrun, check the run, then re-run the finished run: every
+    rank restores the last evaluation and returns, changing nothing (rank 1 used to evaluate
+    again alone and wait on rank 0 in a collective)."""
     base, manifest = tiny
     cfg = write_config(
         tmp_path / "c.toml",
@@ -555,17 +553,21 @@ def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
         eval_every=4,
         batch_size=1,
         accum_steps=2,
+        **train,
     )
     out = tmp_path / "ddp"
-    r = _torchrun(2, cfg, manifest, out)
+    r = _torchrun(world, cfg, manifest, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    _check_ddp_run(out, world=2)
-    # Re-running the finished run: every rank restores the last evaluation and returns (rank 1
-    # used to evaluate again alone and wait on rank 0 in a collective).
+    _check_ddp_run(out, world=world)
     before = _outputs(out)
-    r = _torchrun(2, cfg, manifest, out, timeout=120)
+    r = _torchrun(world, cfg, manifest, out, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _outputs(out) == before
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
+    _ddp_run_and_rerun(tiny, tmp_path, world=2)
 
 
 def test_resume_refuses_changed_pseudo_labels(tiny, tmp_path):
@@ -611,25 +613,7 @@ def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path):
 def test_ddp_on_cuda_through_nccl(tiny, tmp_path):
     """torchrun on the GPUs there are (two, or one: NCCL refuses two ranks on one GPU), the
     code path of a multi-GPU run: process group cpu:gloo,cuda:nccl, DDP, SyncBatchNorm, AMP."""
-    base, manifest = tiny
     world = min(2, torch.cuda.device_count())
-    cfg = write_config(
-        tmp_path / "c.toml",
-        base / "run",
-        stage1_length=2,
-        stage2_length=2,
-        eval_every=4,
-        batch_size=1,
-        accum_steps=2,
-        stage2_mode="weak_strong",
-        device="cuda",
-        workers=1,
+    _ddp_run_and_rerun(
+        tiny, tmp_path, world=world, stage2_mode="weak_strong", device="cuda", workers=1
     )
-    out = tmp_path / "nccl"
-    r = _torchrun(world, cfg, manifest, out)
-    assert r.returncode == 0, r.stderr[-3000:]
-    _check_ddp_run(out, world=world)
-    before = _outputs(out)
-    r = _torchrun(world, cfg, manifest, out, timeout=120)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert _outputs(out) == before
