@@ -587,21 +587,30 @@ def test_resume_refuses_changed_pseudo_labels(tiny, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path):
+@pytest.mark.parametrize("arch", ["deeplabv3plus_effl0", "segformer"])
+def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path, arch):
+    """Stage I + Stage II on CUDA: float16 autocast, gradient scaling, channels_last."""
     base, manifest = tiny
+    model_keys: dict = {}
+    if arch == "segformer":
+        folder = save_tiny_mit(tmp_path / "mit-tiny")
+        model_keys = dict(pretrained=True, backbone_weights=str(folder), model_kwargs=None)
     cfg = write_config(
         tmp_path / "c.toml",
         base / "run",
+        arch=arch,
         stage1_length=2,
         stage2_length=2,
         stage2_mode="weak_strong",
         device="cuda",
         workers=1,
+        **model_keys,
     )
     r = _fit(cfg, manifest, "--out", str(tmp_path / "gpu"))
     assert r.exit_code == 0, r.output
     train = [x for x in _metrics(tmp_path / "gpu") if x["type"] == "train"]
-    assert len(train) == 4 and all(np.isfinite(x["loss"]) for x in train)
+    assert [x["stage"] for x in train] == [1, 1, 2, 2]
+    assert all(np.isfinite(x["loss"]) for x in train)
     model, _ = load_checkpoint_model(tmp_path / "gpu" / "best.pt", map_location="cuda")
     assert next(model.parameters()).is_cuda
     state = torch.load(tmp_path / "gpu" / "latest.pt", weights_only=True)["train_state"]
