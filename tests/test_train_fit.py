@@ -201,6 +201,7 @@ def test_no_stage2_and_labeled_only(tiny, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_segformer_trains_end_to_end_through_the_command_line(tiny, tmp_path):
     """arch = "segformer" from a save_pretrained folder (a tiny random MiT, as nvidia/mit-b5 is
     published), Stage I + Stage II by `python -m train fit`; the checkpoints load without it."""
