@@ -73,6 +73,13 @@ class Annotator(Protocol):
         """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    one-line errors that quote a library's complaint."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -89,6 +96,20 @@ def sha256_folder(path: str | os.PathLike) -> str:
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + sha256_file(f).encode())
     return h.hexdigest()
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resize uint8 (B, 3, H, W) images to float (B, 3, *size) with the 0-255 values rounded,
+    as an image library resizing uint8 pixels does (antialiased when shrinking, like PIL)."""
+    import torch.nn.functional as F
+
+    x = images.float()
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode in ("nearest", "nearest-exact"):
+        return F.interpolate(x, size=size, mode=mode)
+    x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255)
 
 
 class NetAnnotator:
@@ -227,10 +248,17 @@ def load_torch(
 def load_demo(cfg: AnnotateConfig, manifest: Manifest) -> NetAnnotator:
     """The ``demo`` backend: the torch backend on the demo annotator checkpoint.
 
-    When the checkpoint is absent it is trained first by running
-    ``python -m train fit --config <demo_train_config>`` (a few minutes on a CPU).
+    When the default checkpoint (``data/demo/annotator/best.pt``) is absent it is trained first
+    by running ``python -m train fit --config <demo_train_config>`` (a few minutes on a CPU);
+    any other missing ``model`` is an error.
     """
     path = Path(cfg.model or DEMO_MODEL)
+    if not path.is_file() and path != Path(DEMO_MODEL):
+        # only the default checkpoint is trained on demand: the training config writes there
+        raise UserError(
+            f"[annotate] model = {str(path)!r}: file not found; expected a demo annotator "
+            f"checkpoint (leave model unset to use, and train once, {DEMO_MODEL})"
+        )
     if not path.is_file():
         train_cfg = Path(cfg.demo_train_config)
         if not train_cfg.is_file():

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import quote
 
 import typer
 
 from annotate.config import AnnotateConfig
 from data_manifest.cli_support import (
+    check_output_dir,
     console,
     handle_errors,
+    is_quiet,
     make_app,
     progress,
     rate_text,
@@ -20,6 +21,7 @@ from data_manifest.cli_support import (
 )
 from data_manifest.config import (
     load_config,
+    locate,
     parse_section,
     run_dir,
     section_dict,
@@ -27,6 +29,7 @@ from data_manifest.config import (
 )
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_json
+from data_manifest.manifest import id_path
 
 app = make_app(
     "annotate",
@@ -70,10 +73,10 @@ def _input_size(text: str | None) -> tuple[int, ...] | None:
 def run(
     config: Annotated[
         Path | None,
-        typer.Option(help="Run config (TOML); its \\[annotate] section gives the defaults."),
+        typer.Option(help="Run config (TOML); its [annotate] section gives the defaults."),
     ] = None,
     manifest: Annotated[
-        str | None, typer.Option(help="Manifest file (default: from \\[data]).")
+        str | None, typer.Option(help="Manifest file (default: from [data]).")
     ] = None,
     cache: Annotated[
         str | None, typer.Option(help="Cache folder (default: {run_dir}/cache.zarr).")
@@ -124,33 +127,33 @@ def run(
     shards: Annotated[
         int | None, typer.Option(help="Shards for --scheduler (default: one per worker).")
     ] = None,
-    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+    no_progress: Annotated[
+        bool,
+        typer.Option("--no-progress", hidden=True, help="No progress bar (older name; see -q)."),
+    ] = False,
 ) -> None:
     """Annotate the manifest's images into the cache (resumable; re-run to continue)."""
     from annotate.run import parse_shard, run_annotation
 
     cfg = load_config(config)
-    settings = parse_section(
-        cfg,
-        "annotate",
-        AnnotateConfig,
-        overrides={
-            "annotator": annotator,
-            "model": model,
-            "splits": _split_list(splits),
-            "batch_size": batch_size,
-            "workers": workers,
-            "device": device,
-            "amp": amp,
-            "topk": topk,
-            "resolution": resolution,
-            "input_size": _input_size(input_size),
-            "skip_bad": skip_bad,
-            "scheduler": scheduler,
-            "shards": shards,
-            "cache": cache,
-        },
-    )
+    overrides = {
+        "annotator": annotator,
+        "model": model,
+        "splits": _split_list(splits),
+        "batch_size": batch_size,
+        "workers": workers,
+        "device": device,
+        "amp": amp,
+        "topk": topk,
+        "resolution": resolution,
+        "input_size": _input_size(input_size),
+        "skip_bad": skip_bad,
+        "scheduler": scheduler,
+        "shards": shards,
+        "cache": cache,
+    }
+    given = [k for k, v in overrides.items() if v is not None]
+    settings = parse_section(cfg, "annotate", AnnotateConfig, overrides=overrides)
     shard_i, shard_n = parse_shard(shard)
     if settings.scheduler and shard_n > 1:
         raise UserError(
@@ -159,7 +162,12 @@ def run(
         )
     rdir = run_dir(cfg, run_dir_opt)
     cache_path = Path(settings.cache) if settings.cache else rdir / "cache.zarr"
-    mpath = manifest_path(cfg, manifest, quiet=no_progress)
+    where = "--cache" if cache else "[annotate] cache" if settings.cache else "--run-dir"
+    check_output_dir(cache_path, where)
+    if (cache_path / "images").is_dir():
+        check_output_dir(cache_path / "images", where)
+    check_output_dir(cache_path.parent, where)
+    mpath = manifest_path(cfg, manifest, quiet=is_quiet() or no_progress)
     import data_manifest
 
     m = data_manifest.load(mpath)
@@ -198,9 +206,9 @@ def run(
                 result = run_annotation(
                     settings, m, cache_path, (shard_i, shard_n), on_progress=on_progress
                 )
-    except UserError as exc:  # name the config file for errors in its [annotate] settings
-        if config is not None and str(exc).startswith("[annotate]"):
-            raise UserError(f"{config}: {exc}") from None
+    except UserError as exc:  # "[annotate] key = ...": name the option or the config file
+        if str(exc).startswith("[annotate] "):
+            raise UserError(locate(str(exc), cfg, "annotate", given)) from None
         raise
     if result.meta is not None:
         resolved["annotate"]["topk"] = result.meta.topk  # -1 (auto) resolved to k
@@ -257,6 +265,8 @@ def inspect(
     """Summarise a cache: images, classes, bytes on disk, mean top probability per class."""
     from annotate.inspection import find_cache, summarize
 
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit = {limit}: expected 1 or more images")
     c = find_cache(path)
     s = summarize(c, limit)
     console.print(
@@ -310,6 +320,49 @@ def show(
     from annotate.inspection import find_cache, render_show
 
     c = find_cache(path)
-    out = out or c.path.parent / "show" / f"{quote(image_id, safe='')}.png"
+    out = out or id_path(c.path.parent / "show", image_id)
+    if out.is_dir():
+        raise UserError(f"--out = {out}: is a folder; expected the path of a PNG file")
+    check_output_dir(out.parent, "--out")
     written = render_show(c, image_id, out, manifest)
     console.print(f"wrote {written}", highlight=False)
+
+
+@app.command("seem-requirements")
+@handle_errors
+def seem_requirements(
+    seem_root: Annotated[Path, typer.Argument(help="A checkout of SEEM's repository (v1.0).")],
+    out: Annotated[
+        Path, typer.Option(help="Folder for seem-requirements.txt and seem-constraints.txt.")
+    ] = Path("."),
+) -> None:
+    """Write SEEM's requirements without its pins (and a constraints file that keeps this
+    project's installed versions); print the commands that install SEEM next to it."""
+    from annotate.seem_install import (
+        constraints,
+        filter_requirements,
+        read_seem_requirements,
+        render,
+    )
+    from data_manifest.io import atomic_write_text
+
+    filtered = filter_requirements(read_seem_requirements(seem_root), str(seem_root))
+    out.mkdir(parents=True, exist_ok=True)
+    req, con = out / "seem-requirements.txt", out / "seem-constraints.txt"
+    atomic_write_text(req, render(filtered, seem_root))
+    atomic_write_text(con, "\n".join(constraints()) + "\n")
+    from rich.markup import escape
+
+    rows = [[escape(line), "left out", escape(why)] for line, why in filtered.dropped]
+    rows += [[line, "built separately", "against the installed torch"] for line in filtered.build]
+    rows += [[name, "added", escape(why)] for name, why in filtered.extra]
+    console.print(table("SEEM's requirements", ["requirement", "", "why"], rows))
+    build = " ".join(f"'{b}'" for b in filtered.build)
+    console.print(
+        f"wrote {req} ({len(filtered.keep)} packages, unpinned) and {con}\n"
+        "install SEEM's requirements next to this project with:\n"
+        f"  pip install -r {req} -c {con}\n"
+        + (f"  pip install --no-build-isolation -c {con} {build}\n" if build else ""),
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -20,6 +20,8 @@ class AnnotateConfig:
     model: str = ""
     seem_config: str = ""
     seem_root: str = ""
+    seem_tokenizer: str = ""
+    input_short_side: int = 512
     cache: str = ""
     splits: tuple[str, ...] = DEFAULT_SPLITS
     batch_size: int = 8
@@ -57,6 +59,11 @@ class AnnotateConfig:
             raise ValueError(
                 f"input_size = {list(self.input_size)!r}: expected [] (each image "
                 "at its own size) or [height, width] with both >= 8"
+            )
+        if self.input_short_side != 0 and self.input_short_side < 32:
+            raise ValueError(
+                f"input_short_side = {self.input_short_side}: expected 0 (each image at its "
+                "own size) or a number of pixels >= 32 (SEEM's default: 512)"
             )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 from pathlib import Path
@@ -81,14 +82,27 @@ def summarize(cache: Cache, limit: int | None = None) -> dict[str, Any]:
     }
 
 
+def recorded_manifest(cache: Cache) -> str:
+    """The manifest a cache was made from, as far as its folder tells: ``[data] manifest`` of
+    the ``annotate.toml`` that ``annotate run`` writes beside the cache, else the path older
+    caches stored in their metadata ("" when neither is there)."""
+    resolved = cache.path.parent / "annotate.toml"
+    if resolved.is_file():
+        with contextlib.suppress(UserError):
+            path = load_config(resolved).get("data", {}).get("manifest", "")
+            if isinstance(path, str) and path:
+                return path
+    return str(cache.meta.extra.get("manifest") or "")
+
+
 def _manifest_for(cache: Cache, manifest: str | os.PathLike | None) -> Any:
     import data_manifest
 
-    path = manifest or cache.meta.extra.get("manifest") or ""
+    path = manifest or recorded_manifest(cache)
     if not path or not Path(path).is_file():
+        where = f"{str(path)!r} named beside the cache" if path else "it was made from"
         raise UserError(
-            f"{cache.path}: the manifest {str(path)!r} recorded in the cache is not "
-            "available; expected --manifest PATH"
+            f"{cache.path}: the manifest {where} is not available; expected --manifest PATH"
         )
     m = data_manifest.load(path)
     if m.fingerprint != cache.meta.manifest_fingerprint:

@@ -158,6 +158,8 @@ def cache_meta(
     """The cache metadata of a run (equal metadata = results that may share a cache)."""
     k = auto_topk(len(manifest.classes)) if cfg.topk == -1 else cfg.topk
     settings = {"input_size": list(cfg.input_size), "vocabulary": vocab.describe()}
+    if annotator.extra.get("preprocessing"):  # resizing and scaling done inside the annotator
+        settings["preprocessing"] = annotator.extra["preprocessing"]
     return CacheMeta(
         classes=tuple(manifest.classes),
         annotator=annotator.name,
@@ -166,11 +168,9 @@ def cache_meta(
         normalization=vocab.output_normalization(annotator.normalization),  # type: ignore[arg-type]
         resolution=cfg.resolution,
         topk=k,
-        extra={
-            "settings": settings,
-            "model": annotator.extra,
-            "manifest": str(manifest.path) if manifest.path else "",
-        },
+        # no manifest path: the fingerprint identifies it, and a path would make two caches
+        # of the same images differ by where they were made
+        extra={"settings": settings, "model": annotator.extra},
     )
 
 

@@ -1,34 +1,61 @@
 """The ``seem`` backend: SEEM (Segment Everything Everywhere All at Once) as annotator.
 
-SEEM is not on PyPI. Install its repository and its detectron2 fork by hand (see the README's
-``## annotate`` section), then point ``[annotate] seem_root`` at the repository (or put it on
-``PYTHONPATH``), ``seem_config`` at a config file such as ``configs/seem/focall_unicl_lang_v1.yaml``
-and ``model`` at a checkpoint such as ``seem_focall_v1.pt``.
+SEEM is not on PyPI. Install its code and its detectron2 fork next to this project (the recipe
+is in ``docs/annotate.md``; ``python -m annotate seem-requirements`` writes the filtered
+requirement files), then point ``[annotate] seem_root`` at the checkout, ``seem_config`` at a
+config such as ``configs/seem/focall_unicl_lang_v1.yaml``, ``model`` at a checkpoint such as
+``seem_focall_v1.pt`` and ``seem_tokenizer`` at a local copy of the CLIP tokenizer.
 
-How the scores are made (SEEM's public API):
+What SEEM's code requires, and how this adapter meets it (file names are SEEM's):
 
-- every dataset class is prompted by its names (``[annotate] prompts``, default the class name);
-  the prompts become text embeddings with
-  ``lang_encoder.get_text_embeddings(prompts + ["background"], is_eval=True)``, the last slot
-  acting as "no object";
-- ``model.model.evaluate([{"image", "height", "width"}, ...])`` gives ``sem_seg`` (P, H, W) =
-  Σ_queries softmax(class logits)[:-1] · sigmoid(mask), values in [0, ~#queries]: not a
-  distribution, so it is normalised per pixel ("sum" normalization);
-- panoptic and instance heads are switched off (they assume SEEM's own class list);
-- datasets with a background class: the part of a pixel that no query covers,
-  ``max(0, 1 − Σ_p sem_seg[p])``, is added to the background class (our choice: SEEM has no
-  explicit background score, and an uncovered pixel would otherwise get a uniform distribution).
+- CUDA only. ``modeling/architectures/seem_model_v1.py`` builds a buffer on
+  ``torch.cuda.current_device()`` and ``modeling/language/vlpencoder.py`` sends the prompt
+  tokens to ``.cuda()``, the *current* device. So the chosen device is made current
+  (``torch.cuda.set_device``) before the model is built, the model is moved there, and only
+  then are the prompts embedded. Any other device is refused.
+- ``modeling/BaseModel.py`` loads the checkpoint with ``map_location=opt["device"]``, a key
+  that SEEM's ``utils/distributed.init_distributed`` would set; that function also runs a
+  shell command and MPI broadcasts, so the keys it sets for one process are set here instead.
+- The text encoder's tokenizer (``openai/clip-vit-base-patch32``) is fetched from the hub by
+  ``modeling/language/LangEncoder/__init__.build_tokenizer`` unless the config names a local
+  one: ``seem_tokenizer`` is written into the config as ``MODEL.TEXT.PRETRAINED_TOKENIZER``.
+  Offline, transformers 5 builds an *empty* tokenizer instead of failing; the prompts are
+  tokenised once after the build to refuse that.
+
+How the scores are made, from SEEM's raw outputs (the path of ``GeneralizedSEEM.evaluate``):
+
+- prompts: every dataset class but the background is prompted with its name (or
+  ``[annotate.prompts]``) and embedded with
+  ``get_text_embeddings(prompts + ["background"], is_eval=True)``, the last slot being SEEM's
+  "no object" (as in SEEM's own inference scripts);
+- input: the image is resized so that its short side is ``input_short_side`` (512, SEEM's
+  ``inference/xdecoder/infer_semseg.py``; bicubic, aspect ratio kept), normalised with the
+  model's ``pixel_mean``/``pixel_std`` and zero-padded to ``size_divisibility`` (detectron2's
+  ``ImageList.from_tensors``); ``backbone`` and ``sem_seg_head`` give ``pred_logits``
+  (B, Q, P + 1) and ``pred_masks`` (B, Q, h/4, w/4);
+- scores: Σ_q softmax(pred_logits)[..., c] · sigmoid(pred_masks) per channel, brought back to
+  the image size the way ``sem_seg_postprocess`` does (crop the padding, bicubic); columns
+  0..P-1 are SEEM's own ``sem_seg``;
+- background (our choice of where it comes from, SEEM's own number): the dataset's background
+  class takes the no-object column P, Σ_q softmax(pred_logits)[..., -1] · sigmoid(pred_masks),
+  which SEEM's ``semantic_inference`` drops. Prompting "background" as a class as well would
+  give it the same text embedding as the no-object slot and split its mass, so that prompt is
+  refused. Datasets without a background class drop the column, as SEEM does;
+- normalisation ("sum"): over all P + 1 columns the per-pixel sum is Σ_q sigmoid(mask_q), so
+  a pixel's probabilities are the query class distributions averaged with weights
+  sigmoid(mask_q): a proper mixture.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from annotate.annotators import sha256_file
+from annotate.annotators import first_line, resize_images, sha256_file
 from annotate.config import AnnotateConfig
-from annotate.vocab import prompt_groups
+from annotate.vocab import prompt_channels
 from data_manifest.errors import UserError
 
 if TYPE_CHECKING:
@@ -36,109 +63,241 @@ if TYPE_CHECKING:
 
     from data_manifest.manifest import Manifest
 
+NO_OBJECT = "<no object>"  # our name for the channel of SEEM's no-object column
+NO_OBJECT_TEXT = "background"  # the text SEEM's scripts append as the no-object slot
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # CLIP's BPE files (or its tokenizer.json)
 INSTALL_HINT = (
-    "SEEM is not installed: clone https://github.com/UX-Decoder/Segment-Everything-Everywhere-"
-    "All-At-Once, install its requirements (assets/requirements/requirements.txt, which brings "
-    "its detectron2 fork), then set [annotate] seem_root to the clone (or add it to PYTHONPATH)"
+    "SEEM's code is not importable: set [annotate] seem_root to a checkout of "
+    "https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once (v1.0) and install "
+    "its requirements as in docs/annotate.md (python -m annotate seem-requirements)"
 )
+
+
+def seem_device(name: str) -> torch.device:
+    """The CUDA device SEEM runs on: "auto"/"cuda" -> the current one, "cuda:N" -> N.
+
+    Raises:
+        UserError: not a CUDA device, no CUDA on this machine, or N out of range.
+    """
+    import torch
+
+    if not (name in ("auto", "cuda") or name.startswith("cuda:")):
+        raise UserError(
+            f"[annotate] device = {name!r}: SEEM runs on CUDA only (its text encoder sends "
+            'tokens to CUDA); expected "auto", "cuda" or "cuda:N" on a machine with a GPU'
+        )
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"[annotate] device = {name!r}: SEEM runs on CUDA only and this machine has no "
+            "CUDA device; run it on a GPU machine"
+        )
+    if name in ("auto", "cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    index, count = name[5:], torch.cuda.device_count()
+    if not index.isdigit() or int(index) >= count:
+        raise UserError(
+            f"[annotate] device = {name!r}: expected cuda:0 to cuda:{count - 1} "
+            f"({count} CUDA device{'s' if count != 1 else ''} here)"
+        )
+    return torch.device("cuda", int(index))
+
+
+def resized_shape(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) after resizing the short side to ``short_side`` (0: unchanged), as
+    ``torchvision.transforms.Resize(short_side)`` computes it (long side rounded down)."""
+    if short_side <= 0:
+        return height, width
+    if height <= width:
+        return short_side, int(short_side * width / height)
+    return int(short_side * height / width), short_side
+
+
+def _postprocess(x: torch.Tensor, size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+    """SEEM's ``sem_seg_postprocess`` on a batch: crop (B, C, Hp, Wp) to ``size``, then bicubic
+    (antialiased) to ``out``."""
+    import torch.nn.functional as F
+
+    x = x[:, :, : size[0], : size[1]]
+    return F.interpolate(x, size=out, mode="bicubic", align_corners=False, antialias=True)
 
 
 class SeemAnnotator:
     """A SEEM model behind the :class:`annotate.annotators.Annotator` protocol.
 
     Args:
-        model: a SEEM ``BaseModel`` (or any object with the same contract: ``.model.evaluate``,
-            ``.model.sem_seg_head.predictor.lang_encoder.get_text_embeddings``).
-        prompts: the text prompts, one output channel each.
-        groups: dataset class -> its prompts.
-        background_prompt: the prompt that receives uncovered pixels (None: no background).
+        model: a SEEM ``BaseModel`` (``.model`` is the ``GeneralizedSEEM``), already built with
+            ``device`` current.
+        channels: output channel names: the prompts, and :data:`NO_OBJECT` where the dataset
+            has a background class.
+        groups: dataset class -> its channels.
+        device: the CUDA device to run on.
+        model_sha256: sha256 of the checkpoint.
+        short_side: input short side in pixels (0: each image at its own size).
+        extra: details for the cache metadata.
     """
 
     def __init__(
         self,
         model: Any,
-        prompts: tuple[str, ...],
+        channels: tuple[str, ...],
         groups: dict[str, list[str]],
-        background_prompt: str | None,
+        device: torch.device,
         model_sha256: str,
+        short_side: int = 512,
         extra: dict[str, Any] | None = None,
     ):
+        import torch
+
         self.model = model
-        self.classes = prompts
+        self.classes = channels
         self.groups = groups
         self.normalization = "sum"
         self.model_sha256 = model_sha256
         self.name = "seem"
-        self.extra = dict(extra or {}, background_prompt=background_prompt)
-        self._bg = None if background_prompt is None else prompts.index(background_prompt)
-        net = model.model
-        for flag, on in (("semantic_on", True), ("panoptic_on", False), ("instance_on", False)):
-            setattr(net, flag, on)
-        switch = getattr(net, "task_switch", None)
-        if isinstance(switch, dict):
-            for k in ("spatial", "visual", "grounding", "audio"):
-                if k in switch:
-                    switch[k] = False
-        net.sem_seg_head.num_classes = len(prompts)
-        self._embed()
-
-    def _embed(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            self.model.model.sem_seg_head.predictor.lang_encoder.get_text_embeddings(
-                list(self.classes) + ["background"], is_eval=True
-            )
+        self.short_side = short_side
+        self.texts = [c for c in channels if c != NO_OBJECT]
+        # column of each channel in pred_logits: prompt i -> i, no-object -> the last one
+        self._columns = torch.tensor(
+            [len(self.texts) if c == NO_OBJECT else self.texts.index(c) for c in channels]
+        )
+        self.extra = dict(
+            extra or {},
+            prompts=self.texts,
+            preprocessing={"short_side": short_side, "resample": "bicubic"},
+        )
+        self.device: torch.device | None = None
+        self.to(device)
 
     def to(self, device: torch.device) -> None:
-        self.model.to(device)
-        self._embed()  # the text embeddings are plain attributes: recompute them on the device
-
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Make ``device`` current, move the model there, then embed the prompts (SEEM's text
+        encoder sends the tokens to the current device)."""
         import torch
 
+        device = torch.device(device)
+        if device.type != "cuda":
+            raise UserError(
+                f"[annotate] device = {str(device)!r}: SEEM runs on CUDA only; expected "
+                '"auto", "cuda" or "cuda:N"'
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device == self.device:
+            return
+        torch.cuda.set_device(device)
+        self.model.to(device)
+        lang = self.model.model.sem_seg_head.predictor.lang_encoder
+        with torch.no_grad():
+            lang.get_text_embeddings(self.texts + [NO_OBJECT_TEXT], is_eval=True)
+        self._columns = self._columns.to(device)
+        self.device = device
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) on the device -> float32 (B, len(classes), H, W) scores."""
+        import torch
+        import torch.nn.functional as F
+
+        net = self.model.model
         h, w = images.shape[-2:]
-        batch = [{"image": img, "height": int(h), "width": int(w)} for img in images]
-        outs = self.model.model.evaluate(batch)
-        sem = torch.stack([o["sem_seg"].float() for o in outs])
-        if sem.shape[1] != len(self.classes):
+        size = resized_shape(int(h), int(w), self.short_side)
+        x = (resize_images(images, size, "bicubic") - net.pixel_mean) / net.pixel_std
+        div = int(net.size_divisibility)
+        if div > 1:  # detectron2's ImageList.from_tensors: zeros at the bottom and right
+            x = F.pad(x, (0, -size[1] % div, 0, -size[0] % div), value=0.0)
+        out = net.sem_seg_head(net.backbone(x), target_queries=None)
+        logits, masks = out["pred_logits"], out["pred_masks"]
+        if logits.shape[-1] != len(self.texts) + 1:
             raise UserError(
-                f"SEEM returned sem_seg with {sem.shape[1]} channels for "
-                f"{len(self.classes)} prompts; expected one per prompt"
+                f"SEEM returned pred_logits with {logits.shape[-1]} columns for "
+                f"{len(self.texts)} prompts; expected {len(self.texts) + 1} (one per prompt "
+                "and the no-object column)"
             )
-        if self._bg is not None:
-            uncovered = (1.0 - sem.clamp_min(0).sum(dim=1)).clamp_min(0)
-            sem[:, self._bg] += uncovered
-        return sem
+        with torch.autocast(x.device.type, enabled=False):
+            cls = torch.softmax(logits.float(), dim=-1)[..., self._columns]
+            masks = F.interpolate(
+                masks.float(), size=x.shape[-2:], mode="bilinear", align_corners=False
+            )
+            if net.sem_seg_postprocess_before_inference:
+                masks = _postprocess(masks, size, (int(h), int(w)))
+                return torch.einsum("bqc,bqhw->bchw", cls, masks.sigmoid())
+            sem = torch.einsum("bqc,bqhw->bchw", cls, masks.sigmoid())
+            return _postprocess(sem, size, (int(h), int(w)))
 
 
-def background_prompt(
-    groups: dict[str, list[str]], classes: list[str], background_index: int | None
-) -> str | None:
-    """The first prompt of the dataset's background class, or None without one."""
-    if background_index is None:
+def check_tokenizer(folder: str) -> Path:
+    """``[annotate] seem_tokenizer``: a folder with the CLIP tokenizer's files, either
+    ``tokenizer.json`` (what transformers 5 saves) or ``vocab.json`` and ``merges.txt``.
+
+    Raises:
+        UserError: the folder is missing, has neither, or holds a file that is not JSON.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(
+            f"[annotate] seem_tokenizer = {folder!r}: folder not found; expected a local copy "
+            "of the openai/clip-vit-base-patch32 tokenizer (docs/annotate.md)"
+        )
+    if not (path / "tokenizer.json").is_file() and not all(
+        (path / f).is_file() for f in TOKENIZER_FILES
+    ):
+        raise UserError(
+            f"[annotate] seem_tokenizer = {folder!r}: no tokenizer files; expected the CLIP "
+            "tokenizer's tokenizer.json, or vocab.json and merges.txt (docs/annotate.md)"
+        )
+    for name in ("tokenizer.json", "vocab.json"):
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise UserError(f"{path / name}: not valid JSON ({exc})") from None
+    return path
+
+
+def _seem_checkout(seem_root: str) -> Path | None:
+    """The resolved SEEM checkout folder (None: SEEM importable without one), checked."""
+    if not seem_root:
         return None
-    return groups[classes[background_index]][0]
+    root = Path(seem_root).resolve()
+    if not root.is_dir():
+        raise UserError(
+            f"[annotate] seem_root = {seem_root!r}: folder not found; expected a checkout "
+            "of SEEM's repository"
+        )
+    if not ((root / "modeling").is_dir() and (root / "utils" / "arguments.py").is_file()):
+        raise UserError(
+            f"[annotate] seem_root = {seem_root!r}: not a SEEM checkout; expected its "
+            "modeling/ folder and utils/arguments.py in it"
+        )
+    return root
 
 
-def load_seem_annotator(cfg: AnnotateConfig, manifest: Manifest) -> SeemAnnotator:
-    """Build SEEM from ``cfg.seem_config`` and the checkpoint ``cfg.model``."""
-    if cfg.seem_root:
-        root = Path(cfg.seem_root)
-        if not root.is_dir():
-            raise UserError(
-                f"[annotate] seem_root = {cfg.seem_root!r}: folder not found; "
-                "expected a clone of SEEM's repository"
-            )
-        for p in (root, root / "demo_code"):
-            if p.is_dir() and str(p) not in sys.path:
-                sys.path.insert(0, str(p))
+def _import_seem(seem_root: str) -> tuple[Any, Any, Any]:
+    """(build_model, BaseModel, load_opt_from_config_files) from SEEM's checkout."""
+    root = _seem_checkout(seem_root)
+    if root is not None:
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
     try:
         from modeling import build_model
         from modeling.BaseModel import BaseModel
         from utils.arguments import load_opt_from_config_files
-    except ImportError:
-        raise UserError(INSTALL_HINT) from None
+    except ImportError as exc:
+        if exc.name in (None, "modeling", "utils", "utils.arguments", "modeling.BaseModel"):
+            raise UserError(INSTALL_HINT) from None
+        raise UserError(
+            f"SEEM's code needs the module {exc.name!r}, which is not installed; install "
+            "SEEM's requirements as in docs/annotate.md (python -m annotate seem-requirements)"
+        ) from None
+    import modeling
+
+    if root is not None and root not in Path(modeling.__file__).resolve().parents:
+        raise UserError(
+            f"[annotate] seem_root = {seem_root!r}: Python imported another package named "
+            f"'modeling' ({Path(modeling.__file__).parent}); expected SEEM's"
+        )
+    return build_model, BaseModel, load_opt_from_config_files
+
+
+def _check_files(cfg: AnnotateConfig) -> tuple[Path, Path, Path | None]:
     conf, ckpt = Path(cfg.seem_config), Path(cfg.model)
     if not cfg.seem_config or not conf.is_file():
         raise UserError(
@@ -150,21 +309,82 @@ def load_seem_annotator(cfg: AnnotateConfig, manifest: Manifest) -> SeemAnnotato
             f"[annotate] model = {cfg.model!r}: file not found; expected a SEEM "
             "checkpoint such as seem_focall_v1.pt"
         )
-    opt = load_opt_from_config_files([str(conf)])
-    try:
-        from utils.distributed import init_distributed
+    return conf, ckpt, check_tokenizer(cfg.seem_tokenizer) if cfg.seem_tokenizer else None
 
-        opt = init_distributed(opt)
-    except ImportError:
-        pass
-    model = BaseModel(opt, build_model(opt)).from_pretrained(str(ckpt)).eval()
-    prompts, groups = prompt_groups(cfg.prompts, manifest.classes)
-    bg = background_prompt(groups, manifest.classes, manifest.meta.background_index)
+
+def check_prompt_tokens(tokenizer: Any, prompts: tuple[str, ...], conf: Path) -> None:
+    """Refuse a tokenizer that turns a prompt into special tokens only.
+
+    transformers 5 does not fail when a tokenizer's files cannot be fetched (offline, or the
+    hub unreachable): it returns a tokenizer with an empty vocabulary, and every prompt would
+    get the same embedding.
+    """
+    special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    for p in prompts:
+        if p == NO_OBJECT:
+            continue
+        ids = tokenizer(p)["input_ids"]
+        if all(i in special for i in ids):
+            raise UserError(
+                f"{conf}: SEEM's text tokenizer turns the prompt {p!r} into special tokens "
+                "only (its vocabulary could not be loaded); set [annotate] seem_tokenizer to "
+                "a local copy of it (docs/annotate.md)"
+            )
+
+
+def seem_options(opt: dict, device: torch.device, tokenizer: Path | None) -> dict:
+    """SEEM's option dict for one process on ``device``: the keys ``init_distributed`` sets,
+    and the local tokenizer folder."""
+    opt.update(CUDA=True, world_size=1, local_size=1, rank=0, local_rank=device.index)
+    opt["device"] = device
+    if tokenizer is not None:
+        text = opt.setdefault("MODEL", {}).setdefault("TEXT", {})
+        if text.get("TOKENIZER", "clip") in ("clip", "clip-fast"):
+            text["PRETRAINED_TOKENIZER"] = str(tokenizer)
+        else:  # any other value is itself the name given to AutoTokenizer
+            text["TOKENIZER"] = str(tokenizer)
+    return opt
+
+
+def load_seem_annotator(cfg: AnnotateConfig, manifest: Manifest) -> SeemAnnotator:
+    """Build SEEM from ``cfg.seem_config`` and the checkpoint ``cfg.model`` on the CUDA device
+    ``cfg.device`` (made current first)."""
+    import torch
+
+    _seem_checkout(cfg.seem_root)  # the checkout first: without it nothing else matters
+    conf, ckpt, tokenizer = _check_files(cfg)
+    channels, groups = prompt_channels(
+        cfg.prompts, manifest.classes, manifest.meta.background_index, NO_OBJECT
+    )
+    for c, words in groups.items():
+        if any(w.strip().lower() == NO_OBJECT_TEXT for w in words):
+            raise UserError(
+                f"[annotate] prompts: {c} = [... {NO_OBJECT_TEXT!r} ...]: SEEM already uses "
+                f"{NO_OBJECT_TEXT!r} as its no-object text, whose column is the background "
+                "score; expected other prompts"
+            )
+    device = seem_device(cfg.device)
+    build_model, base_model, load_opt = _import_seem(cfg.seem_root)
+    opt = seem_options(load_opt([str(conf)]), device, tokenizer)
+    torch.cuda.set_device(device)
+    try:
+        net = build_model(opt)
+    except OSError as exc:  # transformers cannot fetch the tokenizer (offline)
+        raise UserError(
+            f"{conf}: SEEM could not load its text tokenizer ({first_line(exc)}); "
+            "set [annotate] seem_tokenizer to a local copy of it (docs/annotate.md)"
+        ) from None
+    check_prompt_tokens(net.sem_seg_head.predictor.lang_encoder.tokenizer, channels, conf)
+    try:
+        model = base_model(opt, net).from_pretrained(str(ckpt)).eval()
+    except Exception as exc:
+        raise UserError(f"{ckpt}: cannot load the SEEM checkpoint ({first_line(exc)})") from None
     return SeemAnnotator(
         model,
-        prompts,
+        channels,
         groups,
-        bg,
+        device,
         sha256_file(ckpt),
+        cfg.input_short_side,
         {"config": conf.name, "checkpoint": ckpt.name},
     )

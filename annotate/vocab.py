@@ -196,12 +196,17 @@ def _preview(names: Sequence[str], n: int = 8) -> str:
 
 
 def prompt_groups(
-    prompts: Mapping[str, Sequence[str]], classes: Sequence[str], where: str = "[annotate] prompts"
+    prompts: Mapping[str, Sequence[str]],
+    classes: Sequence[str],
+    where: str = "[annotate] prompts",
+    unprompted: str | None = None,
 ) -> tuple[tuple[str, ...], dict[str, list[str]]]:
     """Text prompts for prompt-based annotators (SEEM, CLIPSeg).
 
     Each dataset class is prompted with its synonyms from ``prompts`` (default: its own name,
     with ``_``/``-`` as spaces); the synonyms' probabilities are later summed into the class.
+    The class ``unprompted`` (the background class, which these annotators score from their
+    own "nothing here" output) gets no default prompt: only the synonyms listed for it, if any.
 
     Returns:
         (the flat list of distinct prompts, in class order; dataset class -> its prompts).
@@ -218,8 +223,9 @@ def prompt_groups(
     owner: dict[str, str] = {}
     groups: dict[str, list[str]] = {}
     for c in classes:
-        words = list(prompts.get(c, [c.replace("_", " ").replace("-", " ")]))
-        if not words:
+        default = [] if c == unprompted else [c.replace("_", " ").replace("-", " ")]
+        words = list(prompts.get(c, default))
+        if not words and c != unprompted:
             raise UserError(f"{where}: {c} = []; expected at least one prompt")
         for w in words:
             if _norm(w) in owner and owner[_norm(w)] != c:
@@ -232,3 +238,44 @@ def prompt_groups(
             owner[_norm(w)] = c
         groups[c] = words
     return tuple(flat), groups
+
+
+def prompt_channels(
+    prompts: Mapping[str, Sequence[str]],
+    classes: Sequence[str],
+    background_index: int | None,
+    none_channel: str,
+    where: str = "[annotate] prompts",
+) -> tuple[tuple[str, ...], dict[str, list[str]]]:
+    """Output channels of a prompt-based annotator that scores "none of the prompts" itself.
+
+    The background class (if the dataset has one) is not prompted by default; it takes the
+    annotator's ``none_channel`` (SEEM's no-object column, CLIPSeg's "no prompt present"),
+    plus any synonyms listed for it in ``prompts``. Channels are in dataset class order, so
+    that with one prompt per class the vocabulary is the identity.
+
+    Returns:
+        (channel names: the prompts, with ``none_channel`` at the background class's place;
+        dataset class -> its channels).
+    Raises:
+        UserError: as :func:`prompt_groups`, or a prompt spelled like ``none_channel``.
+    """
+    bg = None if background_index is None else classes[background_index]
+    _, groups = prompt_groups(prompts, classes, where, unprompted=bg)
+    for c, words in groups.items():
+        for w in words:
+            if _norm(w) == _norm(none_channel):
+                raise UserError(
+                    f"{where}: {c} = [... {w!r} ...]: {none_channel!r} is the name of the "
+                    "annotator's own no-prompt channel; expected another prompt"
+                )
+    if bg is not None:
+        groups[bg] = [*groups[bg], none_channel]
+    seen: set[str] = set()
+    channels: list[str] = []
+    for c in classes:
+        for w in groups[c]:
+            if _norm(w) not in seen:
+                seen.add(_norm(w))
+                channels.append(w)
+    return tuple(channels), groups

@@ -10,7 +10,14 @@ import typer
 import data_manifest
 from calibrate import job, report
 from calibrate.config import CalibrateConfig
-from data_manifest.cli_support import console, handle_errors, make_app, table
+from data_manifest.cli_support import (
+    check_output_dir,
+    console,
+    handle_errors,
+    is_quiet,
+    make_app,
+    table,
+)
 from data_manifest.config import load_config, parse_section, run_dir
 
 app = make_app(
@@ -73,12 +80,14 @@ def run(
         str | None, typer.Option(help="Cache path; default {run_dir}/cache.zarr.")
     ] = None,
     out_dir: Annotated[
-        str | None, typer.Option(help="Output folder; default {run_dir}/pseudo/{method}.")
+        str | None,
+        typer.Option(
+            "--out-dir", "--out", "-o", help="Output folder; default {run_dir}/pseudo/{method}."
+        ),
     ] = None,
     plots: Annotated[
         bool | None, typer.Option("--plots/--no-plots", help="Draw the PNG plots.")
     ] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bars or tables.")] = False,
 ) -> None:
     """Calibrate on the labeled images, write pseudo-label PNGs for the unlabeled ones, report."""
     cfg = load_config(config)
@@ -101,15 +110,17 @@ def run(
         plots=plots,
     )
     conf = parse_section(cfg, "calibrate", CalibrateConfig, overrides=overrides)
+    where = "--out-dir" if out_dir else "[calibrate] out_dir" if conf.out_dir else "--run-dir"
     conf = job.with_defaults(conf, cfg, rdir)
+    check_output_dir(conf.out_dir, where)
     the_seed = seed if seed is not None else int(cfg.get("seed", 0))
     mpath = manifest_path(cfg, manifest)
     m = data_manifest.load(mpath)
     resolved = job.resolved_config(cfg, conf, rdir, the_seed, mpath)
     result = job.run(
-        m, conf, Path(conf.cache), Path(conf.out_dir), the_seed, resolved, show_progress=not quiet
+        m, conf, Path(conf.cache), Path(conf.out_dir), the_seed, resolved, not is_quiet()
     )
-    if quiet:
+    if is_quiet():
         return
     for t in report.summary_tables(result["figures"]):
         console.print(t)

@@ -11,7 +11,6 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +20,7 @@ from calibrate import sets as S
 from calibrate.runner import merge
 from data_manifest.errors import UserError
 from data_manifest.io import read_label_png, write_label_png
-from data_manifest.manifest import IGNORE_INDEX, reduce_zero_label
+from data_manifest.manifest import IGNORE_INDEX, id_path, reduce_zero_label
 
 
 def _cache(path: str) -> Cache:
@@ -253,7 +252,7 @@ def write_pseudo(
             lab = S.threshold_label(probs, float(tau))
         else:
             lab = S.raw_label(probs)
-        wrote = write_label_png(Path(out_dir) / f"{it.id}.png", lab, palette, PNG_LEVEL)
+        wrote = write_label_png(id_path(out_dir, it.id), lab, palette, PNG_LEVEL)
         rows.append((it.id, int((lab != IGNORE_INDEX).sum()), int(lab.size), bool(wrote)))
     return {"images": rows}
 

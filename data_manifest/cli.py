@@ -11,7 +11,7 @@ import typer
 from data_manifest import cli_support as cs
 from data_manifest.cli_support import handle_errors
 from data_manifest.errors import UserError
-from data_manifest.manifest import SPLITS, Manifest, load
+from data_manifest.manifest import SPLITS, Manifest, check_manifest_file, load
 
 app = cs.make_app(
     "data_manifest",
@@ -20,11 +20,7 @@ app = cs.make_app(
     "(validate), look at it (summary), write UniMatch split files (export), draw splits for "
     "your own data (split), or prepare a run config's data, generating the demo (prepare).",
 )
-build_app = typer.Typer(
-    help="Build manifest.jsonl from a dataset in a known layout.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-)
+build_app = cs.sub_app("Build manifest.jsonl from a dataset in a known layout.")
 app.add_typer(build_app, name="build")
 
 RootArg = Annotated[Path, typer.Argument(help="Dataset root folder.", show_default=False)]
@@ -183,12 +179,34 @@ def validate(
     files: Annotated[
         bool, typer.Option(help="Open every image and label (--no-files: structure only).")
     ] = True,
+    update_fingerprint: Annotated[
+        bool,
+        typer.Option(
+            help="Store the fingerprint the rows give, after a deliberate edit by hand (caches "
+            "made from the old version then refuse the manifest)."
+        ),
+    ] = False,
 ) -> None:
     """Check a manifest and its files; print every problem, one line each; exit 1 if any."""
+    from data_manifest.validate import update_fingerprint as store_fingerprint
     from data_manifest.validate import validate as run_validate
     from data_manifest.validate import write_cleaned
 
-    n_rows = max(0, sum(1 for ln in _lines(manifest)) - 1)
+    if skip_bad:  # refuse a clash before the work
+        stem = manifest.name.removesuffix(".jsonl")
+        out = out or manifest.with_name(f"{stem}.clean.jsonl")
+        rejects = rejects or manifest.with_name(f"{stem}.rejects.jsonl")
+        for option, path in (("--out", out), ("--rejects", rejects)):
+            cs.check_not_same_file(
+                path,
+                manifest,
+                f"{option} = {path}: is the manifest being checked; expected "
+                "another file (the manifest itself is never overwritten)",
+            )
+        cs.check_not_same_file(
+            out, rejects, f"--out and --rejects both name {out}; expected two different files"
+        )
+    n_rows = max(0, _count_lines(manifest) - 1)
     t0 = time.perf_counter()
     with cs.progress(transient=True) as bar:
         task = bar.add_task("validate", total=n_rows, rate="")
@@ -199,6 +217,11 @@ def validate(
             bar.update(task, rate=cs.rate_text(done, time.perf_counter() - t0, "img"))
 
         report = run_validate(manifest, check_files=files, on_row=tick)
+    stale_only = report.problems and all(p.kind == "fingerprint" for p in report.problems)
+    if update_fingerprint and stale_only:
+        new = store_fingerprint(report)
+        cs.console.print(f"{manifest}: {len(report.rows)} rows, fingerprint {new[:12]} stored")
+        return
     for p in report.problems:
         cs.err_console.print(p.message, highlight=False, soft_wrap=True, markup=False)
     if report.ok:
@@ -208,24 +231,27 @@ def validate(
     cs.err_console.print(
         f"{manifest}: {len(report.problems)} problems in {n_bad} rows", highlight=False
     )
+    if update_fingerprint:
+        raise UserError(
+            f"{manifest}: --update-fingerprint stored nothing; expected a manifest whose only "
+            "problem is its fingerprint (fix the problems above first)"
+        )
     if skip_bad:
         if report.fatal:
             raise UserError(
                 f"{manifest}: problems above are not in rows; --skip-bad cannot fix them"
             )
-        stem = manifest.name.removesuffix(".jsonl")
-        out = out or manifest.with_name(f"{stem}.clean.jsonl")
-        rejects = rejects or manifest.with_name(f"{stem}.rejects.jsonl")
         n = write_cleaned(report, out, rejects)
         cs.console.print(f"wrote {out} ({len(report.rows) - n} rows) and {rejects} ({n} rejected)")
         return
     raise typer.Exit(1)
 
 
-def _lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found")
-    return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+def _count_lines(path: Path) -> int:
+    """Non-empty lines of a manifest (for the progress bar's total)."""
+    check_manifest_file(path)
+    with open(path, "rb") as f:
+        return sum(1 for ln in f if ln.strip())
 
 
 def print_summary(m: Manifest, pixels: bool = True, json_out: Path | None = None) -> dict:
@@ -302,6 +328,8 @@ def export(
     """Write the manifest's splits as UniMatch split files (lines 'image_rel label_rel')."""
     from data_manifest.splits import write_unimatch
 
+    cs.check_output_dir(out, "--out")
+    cs.check_output_dir(out.parent, "--out")  # val.txt goes there
     for p in write_unimatch(load(manifest), out):
         cs.console.print(f"wrote {p}")
 
@@ -324,6 +352,12 @@ def split(
     from data_manifest.layouts import save_manifest
     from data_manifest.splits import make_splits, parse_amount
 
+    cs.check_not_same_file(
+        out,
+        manifest,
+        f"--out = {out}: is the input manifest; expected a new file (caches made from "
+        f"{manifest} refer to it by fingerprint, so it is never overwritten)",
+    )
     m = load(manifest)
     new = make_splits(
         m,
@@ -348,6 +382,9 @@ def prepare(
         str | None, typer.Option(help="Manifest to use instead of [data] manifest.")
     ] = None,
     pixels: Annotated[bool, typer.Option(help="Count label pixels per class.")] = True,
+    run_dir_opt: Annotated[
+        str | None, typer.Option("--run-dir", help="Run folder (overrides run_dir).")
+    ] = None,
 ) -> None:
     """Resolve the run config's manifest (generating the demo if configured), then summarise it.
 
@@ -358,12 +395,13 @@ def prepare(
 
     cfg = load_config(config)
     dc = data_config(cfg, manifest)
+    rdir = run_dir(cfg, run_dir_opt)
+    out_dir = cs.check_output_dir(rdir / "data", "--run-dir")
     t0 = time.perf_counter()
     path = resolve_manifest(cfg, manifest, quiet=False)
     cs.console.print(f"manifest {path} ready in {time.perf_counter() - t0:.1f} s")
-    out_dir = run_dir(cfg) / "data"
     resolved = {
-        "run_dir": str(run_dir(cfg)),
+        "run_dir": str(rdir),
         "seed": cfg.get("seed", 0),
         "data": {**section_dict(dc), "manifest": str(path)},
     }
@@ -374,7 +412,9 @@ def prepare(
 @app.command()
 @handle_errors
 def demo(
-    root: Annotated[Path, typer.Option(help="Folder for source/ and target/.")] = Path("data/demo"),
+    root: Annotated[
+        Path, typer.Option("--out", "-o", "--root", help="Folder for source/ and target/.")
+    ] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     gap: Annotated[float, typer.Option(help="Domain gap strength in [0, 1].")] = 0.5,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 128,
@@ -399,8 +439,10 @@ def demo(
             target_unlabeled=target_unlabeled,
             target_val=target_val,
         )
-    except ValueError as exc:
-        raise UserError(f"command line: {exc}") from None
+    except ValueError as exc:  # "demo_gap = 3: expected ...": name the option, --gap
+        key, _, rest = str(exc).partition(" = ")
+        raise UserError(f"--{key.removeprefix('demo_').replace('_', '-')} = {rest}") from None
+    cs.check_output_dir(root, "--out")
     t0 = time.perf_counter()
     with cs.progress() as bar:
         task = bar.add_task("demo images", total=demo_mod.total_images(params), rate="")

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -116,19 +118,61 @@ def _describe(tp: Any) -> str:
     }.get(getattr(tp, "__name__", ""), str(tp))
 
 
+def option_name(key: str, options: dict[str, str] | None = None) -> str:
+    """The command-line option that sets config key ``key``: ``options[key]``, else
+    ``--key-with-dashes``."""
+    return (options or {}).get(key) or "--" + key.replace("_", "-")
+
+
+_KEY = re.compile(r"(\w+) = ")
+
+
+def locate(
+    message: str,
+    cfg: dict[str, Any],
+    section: str,
+    given: Iterable[str] = (),
+    options: dict[str, str] | None = None,
+) -> str:
+    """Say where the value a message is about came from.
+
+    ``message`` reads ``"key = value: expected ..."`` or ``"[section] key = value: ..."``.
+    When ``key`` was given on the command line (it is in ``given``) the message names the
+    option (``"--alpha = 0.0: expected ..."``); otherwise the config file and section
+    (``"configs/run.toml: [calibrate] alpha = 0.0: expected ..."``).
+    """
+    body = message
+    if body.startswith(f"[{section}] "):
+        body = body[len(section) + 3 :]
+    m = _KEY.match(body)
+    if m and m.group(1) in set(given):
+        return option_name(m.group(1), options) + body[len(m.group(1)) :]
+    source = cfg.get("_source")
+    if source is None:  # no config file: defaults (or a value the command itself filled in)
+        return f"[{section}] {body}"
+    return f"{source}: [{section}] {body}"
+
+
 def parse_section(
-    cfg: dict[str, Any], section: str, cls: type[T], overrides: dict[str, Any] | None = None
+    cfg: dict[str, Any],
+    section: str,
+    cls: type[T],
+    overrides: dict[str, Any] | None = None,
+    options: dict[str, str] | None = None,
 ) -> T:
     """Build the dataclass ``cls`` from ``cfg[section]`` with ``overrides`` applied.
 
     Lists become tuples when the field is annotated as a tuple. The dataclass's
-    ``__post_init__`` may raise ``ValueError("key = value: expected ...")`` for range checks;
-    the message gets the file and section prepended.
+    ``__post_init__`` may raise ``ValueError("key = value: expected ...")`` for range checks.
+    A message about a value from the file names the file and section; one about an override
+    (a command-line value; ``None`` = not given) names the option: ``options[key]``, else
+    ``--key-with-dashes``.
 
     Raises:
         UserError: unknown key, wrong type, or a failed range check.
     """
     source = cfg.get("_source", "<command line>")
+    given = [k for k, v in (overrides or {}).items() if v is not None]
     raw = dict(cfg.get(section, {}))
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
@@ -144,15 +188,14 @@ def parse_section(
             raw[key] = value
     for key, value in raw.items():
         if not _type_ok(value, hints[key]):
-            raise UserError(
-                f"{source}: [{section}] {key} = {value!r}; expected {_describe(hints[key])}"
-            )
+            message = f"{key} = {value!r}; expected {_describe(hints[key])}"
+            raise UserError(locate(message, cfg, section, given, options))
         if typing.get_origin(hints[key]) is tuple and isinstance(value, list):
             raw[key] = tuple(value)
     try:
         return cls(**raw)
     except ValueError as exc:
-        raise UserError(f"{source}: [{section}] {exc}") from None
+        raise UserError(locate(str(exc), cfg, section, given, options)) from None
 
 
 def section_dict(obj: Any) -> dict[str, Any]:

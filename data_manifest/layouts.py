@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from data_manifest.errors import UserError
-from data_manifest.manifest import Manifest, Meta, Row
+from data_manifest.manifest import Manifest, Meta, Row, check_id
 from data_manifest.splits import SplitEntry, read_unimatch, sort_rows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -153,6 +153,7 @@ def _make_rows(
     entries = list(entries)
     seen: dict[str, str] = {}
     for image_id, image, _, _split in entries:
+        check_id(image_id, str(root / image))
         if image_id in seen:
             raise UserError(
                 f"{root / image}: id {image_id!r} is already used by {seen[image_id]}; "
@@ -392,11 +393,13 @@ def build_folder(
 ) -> Manifest:
     """The user's own data: ``images/`` and ``labels/`` with matching relative names.
 
-    ``labels/<id>.png`` holds class indices (palette or greyscale PNG, 255 = ignore) for
-    ``images/<id>.<ext>``; ids may contain sub-folders. Images with a label file are labeled,
-    the others unlabeled; use ``python -m data_manifest split`` to draw labeled/val splits, or
-    pass UniMatch ``splits``. ``background_index`` defaults to 0 when class 0 is named
-    "background".
+    ``labels/<name>.png`` holds class indices (palette or greyscale PNG, 255 = ignore) for
+    ``images/<name>.<ext>``; names may contain sub-folders, whose parts the id joins with
+    ``__`` (``images/city/a.jpg`` has id ``city__a``), since an id is a plain file name.
+    Hidden files and folders (names starting with ".") are skipped. Images with a label file
+    are labeled, the others unlabeled; use ``python -m data_manifest split`` to draw
+    labeled/val splits, or pass UniMatch ``splits``. ``background_index`` defaults to 0 when
+    class 0 is named "background".
     """
     root = _check_root(root, "folder-layout", images)
     classes, palette = read_classes_file(classes_file or root / "classes.txt")
@@ -410,10 +413,14 @@ def build_folder(
         )
     img_root = root / images
 
-    def id_of(image_rel: str) -> str:
+    def name_of(image_rel: str) -> str:
+        """The image's path under ``images/`` without its suffix ("city/a")."""
         p = PurePosixPath(image_rel)
         parts = p.parts[len(PurePosixPath(images).parts) :]
         return PurePosixPath(*parts).with_suffix("").as_posix() if parts else p.stem
+
+    def id_of(image_rel: str) -> str:
+        return name_of(image_rel).replace("/", "__")
 
     if splits is not None:
         entries = _from_split_files(root, splits, id_of)
@@ -423,9 +430,11 @@ def build_folder(
         for p in sorted(img_root.rglob("*")):
             if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
                 continue
+            if any(part.startswith(".") for part in p.relative_to(img_root).parts):
+                continue
             rel = _rel(p, root)
             image_id = id_of(rel)
-            label = f"{labels}/{image_id}.png"
+            label = f"{labels}/{name_of(rel)}.png"
             has = (root / label).is_file()
             entries.append(
                 (image_id, rel, label if has else None, "labeled" if has else "unlabeled")

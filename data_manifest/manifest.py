@@ -10,7 +10,12 @@ Line 1 is ``{"meta": {...}}``; every following line is one image row::
 
 ``root`` is relative to the manifest's own folder (or absolute); row paths are relative to
 ``root`` and must stay inside it. ``fingerprint`` is the sha256 of the canonical JSON of the
-sorted rows and the metadata (without ``root``, so moving a dataset keeps its fingerprint).
+sorted rows and the metadata (without ``root``, so moving a dataset keeps its fingerprint);
+:func:`load` recomputes it and refuses a file whose rows no longer match it.
+
+An id names the files written for an image (``<id>.png`` in calibrate's and train's output
+folders), so it is a plain file name: no ``/`` or ``\\``, no leading dot, no control
+characters, at most :data:`MAX_ID_BYTES` bytes of UTF-8 (:func:`check_id`).
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +36,9 @@ from data_manifest.io import atomic_write_text, read_image, read_label_png
 SCHEMA = 1
 SPLITS = ("labeled", "unlabeled", "val")
 IGNORE_INDEX = 255
+# 80 bytes keep "<id>.png", its temporary name and the cache's percent-quoted group name
+# (3 bytes per byte at worst) below the 255-byte file name limit of common file systems.
+MAX_ID_BYTES = 80
 
 
 @dataclass(frozen=True)
@@ -162,8 +171,20 @@ def _canonical(meta: Meta, rows: list[Row]) -> bytes:
     m = asdict(meta)
     m.pop("root")
     m.pop("fingerprint")
-    body = {"meta": m, "rows": sorted((asdict(r) for r in rows), key=lambda r: r["id"])}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    # Row's fields by hand: dataclasses.asdict deep-copies and costs most of the time; the
+    # keys are sorted on output, so the bytes are the same.
+    plain = [
+        {
+            "id": r.id,
+            "image": r.image,
+            "label": r.label,
+            "split": r.split,
+            "height": r.height,
+            "width": r.width,
+        }
+        for r in sorted(rows, key=lambda r: r.id)
+    ]
+    return json.dumps({"meta": m, "rows": plain}, sort_keys=True, separators=(",", ":")).encode()
 
 
 def compute_fingerprint(meta: Meta, rows: list[Row]) -> str:
@@ -171,10 +192,60 @@ def compute_fingerprint(meta: Meta, rows: list[Row]) -> str:
     return hashlib.sha256(_canonical(meta, rows)).hexdigest()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The usual ids (letters, digits, "_-. ", no leading dot) pass in one step
+_PLAIN_ID = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9_.\- ]{{0,{MAX_ID_BYTES - 1}}}")
+
+
+def check_id(image_id: str, where: str) -> None:
+    """Raise UserError unless ``image_id`` can name a file inside a folder.
+
+    Ids become file names (``<id>.png``): no path separators, no leading dot (so no ``..``
+    and no hidden files), no control characters, 1 to :data:`MAX_ID_BYTES` bytes of UTF-8.
+    """
+    if _PLAIN_ID.fullmatch(image_id):  # the common case, in one step
+        return
+    problem = ""
+    try:
+        size = len(image_id.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = -1
+    if not image_id:
+        problem = "is empty"
+    elif size < 0:
+        problem = "is not valid Unicode text"
+    elif "/" in image_id or "\\" in image_id:
+        problem = "contains a path separator"
+    elif image_id.startswith("."):
+        problem = "starts with a dot"
+    elif _CONTROL.search(image_id):
+        problem = "contains a control character"
+    elif size > MAX_ID_BYTES:
+        problem = f"is {size} bytes long"
+    if problem:
+        raise UserError(
+            f"{where}: id {image_id!r} {problem}; expected a file name without '/' or '\\', "
+            f"not starting with '.', at most {MAX_ID_BYTES} bytes"
+        )
+
+
+def id_path(folder: str | os.PathLike, image_id: str, suffix: str = ".png") -> Path:
+    """``folder/<id><suffix>``, the file a stage writes for an image, checked to stay in ``folder``.
+
+    Raises:
+        UserError: the id is not a plain file name (see :func:`check_id`).
+    """
+    folder = Path(folder)
+    check_id(image_id, str(folder))
+    path = folder / f"{image_id}{suffix}"
+    if path.parent != folder or path.name in (".", ".."):  # belt and braces: check_id covers it
+        raise UserError(f"{folder}: id {image_id!r} leaves the folder; expected a file name")
+    return path
+
+
 def check_relative(path: str, where: str) -> None:
     """Raise UserError unless ``path`` is a relative POSIX path that stays inside the root."""
-    p = PurePosixPath(path)
-    if p.is_absolute() or ".." in p.parts or "\\" in path or path == "":
+    if path == "" or path.startswith("/") or "\\" in path or ".." in path.split("/"):
         raise UserError(
             f"{where}: path {path!r} leaves the dataset root; expected a path "
             "relative to the root without '..'"
@@ -266,28 +337,51 @@ def _parse_row(obj: Any, where: str) -> Row:
         raise UserError(f"{where}: split = {obj['split']!r}; expected one of {', '.join(SPLITS)}")
     if obj["height"] <= 0 or obj["width"] <= 0:
         raise UserError(f"{where}: height and width must be positive")
+    check_id(obj["id"], where)
     check_relative(obj["image"], where)
     if obj["label"] is not None:
         check_relative(obj["label"], where)
     return Row(**obj)
 
 
+def check_manifest_file(path: Path) -> None:
+    """Raise UserError unless ``path`` is an existing file."""
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a manifest file (manifest.jsonl)")
+    if not path.is_file():
+        raise UserError(f"{path}: manifest not found")
+
+
+def read_manifest_text(path: Path) -> str:
+    """The text of a manifest file.
+
+    Raises:
+        UserError: missing, a folder, unreadable, or not UTF-8.
+    """
+    check_manifest_file(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: byte {exc.start} is not UTF-8 text; expected a manifest in JSON lines"
+        ) from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read manifest ({exc.strerror or exc})") from None
+
+
 def load(path: str | os.PathLike) -> Manifest:
     """Read and structurally check a manifest file.
 
-    Checks the format, field types, splits, duplicate ids and that paths stay inside the root;
-    it does not open the images (``python -m data_manifest validate`` does).
+    Checks the format, field types, ids, splits, duplicate ids, that paths stay inside the root
+    and that the stored fingerprint is the one the rows and metadata give (a manifest edited by
+    hand would otherwise pass for the one a cache was made from); it does not open the images
+    (``python -m data_manifest validate`` does).
 
     Raises:
         UserError: naming the file, the line and the problem.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read manifest ({exc})") from None
+    text = read_manifest_text(path)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
         raise UserError(f"{path}: manifest is empty; expected a meta line and image rows")
@@ -308,4 +402,23 @@ def load(path: str | os.PathLike) -> Manifest:
             )
         seen[row.id] = lineno
         rows.append(row)
+    problem = fingerprint_problem(meta, rows, str(path))
+    if problem:
+        raise UserError(problem)
     return Manifest(meta=meta, rows=rows, path=path.resolve())
+
+
+def fingerprint_problem(meta: Meta, rows: list[Row], where: str) -> str:
+    """A one-line message when ``meta.fingerprint`` is set and differs from the recomputed one
+    ("" when it matches or is not set)."""
+    if not meta.fingerprint:
+        return ""
+    actual = compute_fingerprint(meta, rows)
+    if actual == meta.fingerprint:
+        return ""
+    return (
+        f"{where}: meta.fingerprint = {meta.fingerprint[:12]!r} but the rows and metadata give "
+        f"{actual[:12]!r}; the file was changed after it was written: expected an unchanged "
+        "manifest (if the change is intended: python -m data_manifest validate "
+        f"{where} --update-fingerprint, then annotate again)"
+    )

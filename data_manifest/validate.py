@@ -3,7 +3,8 @@
 Unlike :func:`data_manifest.load`, which stops at the first structural error, this reads every
 line, opens every image and label, and collects all problems: missing, unreadable or truncated
 files, labels not the image's size, label values outside the classes and 255, duplicate ids,
-overlapping splits, paths leaving the dataset root, an empty labeled split.
+overlapping splits, paths leaving the dataset root, an empty labeled split, ids that cannot
+be file names, and a stored fingerprint that the rows no longer give (a file edited by hand).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from data_manifest.manifest import (
     Row,
     _parse_meta,
     _parse_row,
+    fingerprint_problem,
+    read_manifest_text,
     reduce_zero_label,
 )
 from data_manifest.splits import sort_rows
@@ -39,6 +42,7 @@ class Problem:
     message: str
     line: int | None = None
     id: str | None = None
+    kind: str = ""  # "fingerprint": the stored fingerprint is stale
 
     def __str__(self) -> str:
         return self.message
@@ -64,8 +68,9 @@ class Report:
 
     @property
     def fatal(self) -> list[Problem]:
-        """Problems that skipping rows cannot fix (metadata, empty labeled split)."""
-        return [p for p in self.problems if p.line is None]
+        """Problems that skipping rows cannot fix (metadata, empty labeled split); a stale
+        fingerprint is not one (a cleaned manifest gets a new fingerprint anyway)."""
+        return [p for p in self.problems if p.line is None and p.kind != "fingerprint"]
 
 
 def _tail_ok(buf: np.ndarray, suffix: str) -> bool:
@@ -177,12 +182,7 @@ def validate(
             is collected in the report.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: manifest not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read manifest ({exc})") from None
+    text = read_manifest_text(path)
     report = Report(path=path, meta=None, rows={}, raw={})
     problems = report.problems
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
@@ -246,6 +246,10 @@ def validate(
             continue
         first_image[row.image] = (lineno, row.split)
         report.rows[lineno] = row
+    if len(report.rows) == len(parsed) - 1:  # every row parsed: the fingerprint is comparable
+        stale = fingerprint_problem(meta, list(report.rows.values()), str(path))
+        if stale:
+            problems.append(Problem(stale, kind="fingerprint"))
     if check_files:
         manifest = Manifest(meta=meta, rows=[], path=path.resolve())
         root = manifest.root
@@ -323,3 +327,25 @@ def write_cleaned(report: Report, out: str | os.PathLike, rejects: str | os.Path
     ]
     atomic_write_text(rejects, "".join(line + "\n" for line in lines))
     return len(by_line)
+
+
+def update_fingerprint(report: Report) -> str:
+    """Store in the manifest the fingerprint its rows and metadata give, keeping its rows.
+
+    For a manifest changed by hand on purpose; every cache made from the old version then
+    refuses it. Returns the new fingerprint.
+
+    Raises:
+        UserError: the report has other problems than the stale fingerprint.
+    """
+    others = [p for p in report.problems if p.kind != "fingerprint"]
+    if report.meta is None or others:
+        raise UserError(
+            f"{report.path}: --update-fingerprint needs a manifest without other problems; "
+            f"expected none, found {len(others) or 1} (listed above)"
+        )
+    meta = Meta(**{**asdict(report.meta), "fingerprint": ""})
+    rows = [row for _, row in sorted(report.rows.items())]
+    m = Manifest(meta=meta, rows=rows)
+    m.save(report.path)
+    return m.meta.fingerprint

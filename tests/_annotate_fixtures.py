@@ -23,12 +23,13 @@ def make_dataset(
     n_val: int = 2,
     size: tuple[int, int] = (20, 28),
     classes: list[str] | None = None,
-    ids_with_slash: bool = False,
+    odd_ids: bool = False,
     sizes: list[tuple[int, int]] | None = None,
 ) -> Path:
     """Write random PNG images (+ labels for labeled/val) and a manifest; return its path.
 
-    Image ``j`` (over all splits) has size ``sizes[j]`` if given, else ``size``.
+    Image ``j`` (over all splits) has size ``sizes[j]`` if given, else ``size``. ``odd_ids``
+    gives ids with a space, '#' and '%' (legal file names that a Zarr key must quote).
     """
     classes = classes or CLASSES
     palette = (PALETTE + [[10 * i, 5 * i, 3 * i] for i in range(3, 256)])[: len(classes)]
@@ -39,7 +40,7 @@ def make_dataset(
             h, w = sizes[j] if sizes else size
             rng = np.random.default_rng(100 + j)
             name = f"{split[0]}{i:02d}"
-            image_id = f"city/{name}" if ids_with_slash else name
+            image_id = f"city #{name}%" if odd_ids else name  # cache keys must quote these
             img_rel = f"images/{image_id}.png"
             (root / img_rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / img_rel)
@@ -123,3 +124,34 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def _byte_chars() -> list[str]:
+    """The 256 characters CLIP's byte-level BPE uses for the bytes 0-255 (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return [chr(c) for c in keep] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_clip_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> Path:
+    """A tiny CLIP BPE tokenizer (vocab.json + merges.txt, as CLIPTokenizer reads them): every
+    byte, every byte at a word end, and merges that make each of ``words`` one token."""
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges: list[str] = []
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            if f"{a} {b}" not in merges:
+                merges.append(f"{a} {b}")
+                vocab.setdefault(a + b, len(vocab))
+            pieces = [a + b, *pieces[2:]]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder

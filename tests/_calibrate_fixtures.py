@@ -65,9 +65,9 @@ def make_dataset(
     (root / "images").mkdir(parents=True, exist_ok=True)
     for split, n in (("labeled", n_labeled), ("unlabeled", n_unlabeled), ("val", n_val)):
         for i in range(n):
-            iid = f"{split[:3]}{i:03d}" if split != "unlabeled" or i % 2 else f"sub/u{i:03d}"
+            iid = f"{split[:3]}{i:03d}" if split != "unlabeled" or i % 2 else f"sub u{i:03d}"
             img = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
-            img_rel = f"images/{iid.replace('/', '_')}.png"
+            img_rel = f"images/{iid}.png"
             Image.fromarray(img).save(root / img_rel)
             lab = label_map(rng, h, w, k)
             labels[iid] = lab

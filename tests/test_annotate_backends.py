@@ -1,9 +1,8 @@
-"""Annotator backends: torch (TorchScript and trainer checkpoints), demo, SEEM (stand-in model
-obeying SEEM's output contract; the real model only where installed)."""
+"""Annotator backends: torch (TorchScript and trainer checkpoints) and demo (SEEM: in
+test_annotate_seem.py, transformers: in test_annotate_hf.py)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,6 @@ from annotate import open_cache
 from annotate.annotators import BACKENDS, build_annotator, load_torch
 from annotate.config import AnnotateConfig
 from annotate.run import run_annotation
-from annotate.seem import INSTALL_HINT, SeemAnnotator, background_prompt
-from annotate.vocab import prompt_groups
 from data_manifest.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
@@ -117,13 +114,10 @@ def test_trainer_checkpoint_and_demo_backend(tmp_path):
     np.testing.assert_allclose(cache.probs(row.id), want, atol=4e-3)
 
 
-def test_demo_backend_without_checkpoint_or_train_config(tmp_path):
+def test_demo_backend_without_checkpoint_or_train_config(tmp_path, monkeypatch):
     man = make_dataset(tmp_path / "ds", 1, 0, 0)
-    cfg = AnnotateConfig(
-        annotator="demo",
-        model=str(tmp_path / "absent.pt"),
-        demo_train_config=str(tmp_path / "none.toml"),
-    )
+    monkeypatch.chdir(tmp_path)  # no data/demo/annotator/best.pt here
+    cfg = AnnotateConfig(annotator="demo", demo_train_config=str(tmp_path / "none.toml"))
     with pytest.raises(
         UserError,
         match=r"demo_train_config = '.*none.toml': file not found; "
@@ -132,9 +126,21 @@ def test_demo_backend_without_checkpoint_or_train_config(tmp_path):
         build_annotator(cfg, data_manifest.load(man))
 
 
+def test_demo_backend_trains_only_the_default_checkpoint(tmp_path, monkeypatch):
+    """A misspelled model path is an error; training would write the default path only."""
+    man = make_dataset(tmp_path / "ds", 1, 0, 0)
+    monkeypatch.setattr("annotate.annotators.subprocess.run", lambda *a, **k: 1 / 0)
+    cfg = AnnotateConfig(annotator="demo", model=str(tmp_path / "best.ptt"))
+    with pytest.raises(
+        UserError, match=r"model = '.*best.ptt': file not found; expected a demo annotator"
+    ):
+        build_annotator(cfg, data_manifest.load(man))
+
+
 def test_demo_backend_trains_missing_annotator_in_a_subprocess(tmp_path, monkeypatch):
     man = make_dataset(tmp_path / "ds", 1, 0, 0)
-    target = tmp_path / "annot" / "best.pt"
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "data" / "demo" / "annotator" / "best.pt"
     train_cfg = tmp_path / "demo_annotator.toml"
     train_cfg.write_text("run_dir = 'x'\n")
     calls = []
@@ -149,123 +155,7 @@ def test_demo_backend_trains_missing_annotator_in_a_subprocess(tmp_path, monkeyp
         return P()
 
     monkeypatch.setattr("annotate.annotators.subprocess.run", fake_run)
-    cfg = AnnotateConfig(annotator="demo", model=str(target), demo_train_config=str(train_cfg))
+    cfg = AnnotateConfig(annotator="demo", demo_train_config=str(train_cfg))
     ann = build_annotator(cfg, data_manifest.load(man))
     assert calls[0][1:] == ["-m", "train", "fit", "--config", str(train_cfg)]
     assert ann.name == "demo" and ann.classes == tuple(CLASSES)
-
-
-# -- SEEM ---------------------------------------------------------------------------------
-
-
-class _LangEncoder:
-    def __init__(self):
-        self.calls = []
-
-    def get_text_embeddings(self, names, is_eval=False):
-        self.calls.append((list(names), is_eval))
-        self.num = len(names)
-
-
-class _StandInSeem(torch.nn.Module):
-    """Obeys SEEM's contract: ``model.evaluate(batched_inputs)`` returns one dict per image
-    with ``sem_seg`` (P, H, W) = Σ_q softmax(class logits)[:-1] · sigmoid(mask logits)."""
-
-    def __init__(self, queries=4):
-        super().__init__()
-        self.lang = _LangEncoder()
-        self.sem_seg_head = type("H", (), {})()
-        self.sem_seg_head.predictor = type("P", (), {})()
-        self.sem_seg_head.predictor.lang_encoder = self.lang
-        self.sem_seg_head.num_classes = 133
-        self.semantic_on, self.panoptic_on, self.instance_on = False, True, True
-        self.task_switch = {"spatial": True, "grounding": True, "visual": False, "audio": False}
-        self.queries = queries
-        self.register_buffer("pixel_mean", torch.zeros(3))
-
-    @staticmethod
-    def raw(image: torch.Tensor, queries: int, slots: int):
-        g = torch.Generator().manual_seed(int(image.float().sum().item()) % 1000)
-        cls = torch.randn(queries, slots, generator=g) * 2
-        w = torch.randn(queries, 3, generator=g)
-        masks = torch.einsum("qc,chw->qhw", w, image.float() / 255 - 0.5) * 4 - 1
-        return cls, masks
-
-    def evaluate(self, batched_inputs):
-        out = []
-        for d in batched_inputs:
-            assert d["image"].dtype == torch.uint8 and d["image"].shape[0] == 3
-            assert d["image"].shape[1:] == (d["height"], d["width"])
-            cls, masks = self.raw(d["image"], self.queries, self.lang.num)
-            sem = torch.einsum("qc,qhw->chw", cls.softmax(-1)[:, :-1], masks.sigmoid())
-            out.append({"sem_seg": sem})
-        return out
-
-
-class _Wrapper(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.model = _StandInSeem()
-
-
-def test_seem_against_its_output_contract(tmp_path):
-    man = make_dataset(tmp_path / "ds", 2, 2, 0)
-    m = data_manifest.load(man)
-    prompts, groups = prompt_groups({"dog": ["dog", "puppy"]}, m.classes)
-    bg = background_prompt(groups, m.classes, m.meta.background_index)
-    w = _Wrapper()
-    ann = SeemAnnotator(w, prompts, groups, bg, "f" * 64)
-    net = w.model
-    assert net.lang.calls == [(["background", "cat", "dog", "puppy", "background"], True)]
-    assert (net.semantic_on, net.panoptic_on, net.instance_on) == (True, False, False)
-    assert net.task_switch == {
-        "spatial": False,
-        "grounding": False,
-        "visual": False,
-        "audio": False,
-    }
-    assert net.sem_seg_head.num_classes == 4
-    cfg = AnnotateConfig(annotator="seem", batch_size=2, device="cpu", topk=0)
-    run_annotation(cfg, m, tmp_path / "c.zarr", annotator=ann)
-    assert len(net.lang.calls) == 2  # embeddings recomputed on the run's device
-    cache = open_cache(tmp_path / "c.zarr")
-    assert cache.meta.normalization == "probs" and cache.meta.annotator == "seem"
-    for row in m.rows:
-        img = torch.from_numpy(m.read_image(row)).permute(2, 0, 1)
-        cls, masks = _StandInSeem.raw(img, 4, 5)
-        sem = torch.einsum("qc,qhw->chw", cls.softmax(-1)[:, :-1], masks.sigmoid()).numpy()
-        sem[0] += np.clip(1 - sem.sum(0), 0, None)  # uncovered pixels -> background
-        p = sem / sem.sum(0, keepdims=True)
-        want = np.stack([p[0], p[1], p[2] + p[3]])  # dog + puppy summed
-        np.testing.assert_allclose(cache.probs(row.id), want, atol=2e-3)
-
-
-def test_seem_missing_gives_install_hint(tmp_path, monkeypatch):
-    man = make_dataset(tmp_path / "ds", 1, 0, 0)
-    for mod in ("modeling", "utils"):
-        monkeypatch.setitem(__import__("sys").modules, mod, None)
-    with pytest.raises(UserError) as exc:
-        build_annotator(AnnotateConfig(annotator="seem"), data_manifest.load(man))
-    assert str(exc.value) == INSTALL_HINT and "seem_root" in INSTALL_HINT
-    with pytest.raises(UserError, match="seem_root = '/nonexistent': folder not found"):
-        build_annotator(
-            AnnotateConfig(annotator="seem", seem_root="/nonexistent"), data_manifest.load(man)
-        )
-
-
-@pytest.mark.seem
-def test_real_seem_model(tmp_path):
-    root, conf, ckpt = (
-        os.environ.get(k, "") for k in ("SEEM_ROOT", "SEEM_CONFIG", "SEEM_CHECKPOINT")
-    )
-    if not (root and Path(conf).is_file() and Path(ckpt).is_file()):
-        pytest.skip("set SEEM_ROOT, SEEM_CONFIG and SEEM_CHECKPOINT to run the real SEEM model")
-    man = make_dataset(tmp_path / "ds", 1, 1, 0, size=(64, 64))
-    cfg = AnnotateConfig(
-        annotator="seem", seem_root=root, seem_config=conf, model=ckpt, batch_size=1, topk=0
-    )
-    run_annotation(cfg, data_manifest.load(man), tmp_path / "c.zarr")
-    cache = open_cache(tmp_path / "c.zarr")
-    p = cache.probs("l00")
-    assert p.shape == (3, 64, 64)
-    np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-3)

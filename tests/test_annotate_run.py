@@ -111,14 +111,14 @@ def test_image_resolution_and_input_size(setup):
     np.testing.assert_allclose(cache.probs(row.id), ref, atol=2e-3)
 
 
-def test_mixed_sizes_and_ids_with_slash(tmp_path):
+def test_mixed_sizes_and_odd_ids(tmp_path):
     sizes = [(12, 16), (16, 12), (12, 16), (9, 9), (12, 16), (16, 12)]
-    man = make_dataset(tmp_path / "ds", 2, 2, 2, sizes=sizes, ids_with_slash=True)
+    man = make_dataset(tmp_path / "ds", 2, 2, 2, sizes=sizes, odd_ids=True)
     model = save_torchscript(tmp_path / "m.pt", meta=META)
     m = data_manifest.load(man)
     run_annotation(_cfg(model, batch_size=3, topk=0), m, tmp_path / "c.zarr")
     cache = open_cache(tmp_path / "c.zarr")
-    assert set(cache.ids) == {r.id for r in m.rows} and "city/l00" in cache
+    assert set(cache.ids) == {r.id for r in m.rows} and "city #l00%" in cache
     for row in m.rows:
         ref = softmax(reference_logits(model, m.read_image(row), META["mean"], META["std"]))
         np.testing.assert_allclose(cache.probs(row.id), ref, atol=4e-3)
@@ -376,12 +376,15 @@ def test_inspect_and_show(setup):
         assert pc["pixel_share"] == pytest.approx(np.mean(arg == j))
         assert pc["mean_top_prob"] == pytest.approx(float(top[arg == j].mean()), rel=1e-5)
     assert "mean top probability" in r.output and "background" in r.output
+    # made through the Python API: no annotate.toml beside the cache names the manifest
     r = runner.invoke(app, ["show", str(tmp / "run" / "cache.zarr"), "u02"])
+    assert r.exit_code == 1 and "expected --manifest PATH" in r.output
+    r = runner.invoke(app, ["show", str(tmp / "run" / "cache.zarr"), "u02", "--manifest", str(man)])
     assert r.exit_code == 0, r.output
     png = tmp / "run" / "show" / "u02.png"
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] > 3 * 28
-    r = runner.invoke(app, ["show", str(tmp / "run"), "nope"])
+    r = runner.invoke(app, ["show", str(tmp / "run"), "nope", "--manifest", str(man)])
     assert r.exit_code == 1 and "image 'nope' is not in the cache" in r.output
     r = runner.invoke(app, ["inspect", str(tmp)])
     assert r.exit_code == 1 and "not a cache, a run folder with cache.zarr" in r.output

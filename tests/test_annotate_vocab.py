@@ -113,3 +113,19 @@ def test_prompt_groups_default_and_synonyms():
         prompt_groups({"person": ["cat"]}, ["cat", "person"])
     with pytest.raises(UserError, match="'dog' is not a dataset class"):
         prompt_groups({"dog": ["dog"]}, ["cat"])
+
+
+def test_prompt_channels_leave_the_background_to_the_models_none_channel():
+    from annotate.vocab import prompt_channels
+
+    classes = ["cat", "background", "dog"]
+    channels, groups = prompt_channels({"dog": ["dog", "puppy"]}, classes, 1, "<none>")
+    assert channels == ("cat", "<none>", "dog", "puppy")
+    assert groups == {"cat": ["cat"], "background": ["<none>"], "dog": ["dog", "puppy"]}
+    channels, groups = prompt_channels({"background": ["sky"]}, classes, 1, "<none>")
+    assert channels == ("cat", "sky", "<none>", "dog")
+    assert groups["background"] == ["sky", "<none>"]
+    channels, _ = prompt_channels({}, ["cat", "dog"], None, "<none>")
+    assert channels == ("cat", "dog")
+    with pytest.raises(UserError, match="'<NONE>' .*is the name of the annotator's own"):
+        prompt_channels({"cat": ["<NONE>"]}, classes, 1, "<none>")

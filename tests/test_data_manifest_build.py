@@ -125,10 +125,12 @@ def test_folder_builder(tmp_path: Path) -> None:
     assert {r.id: r.split for r in m.rows} == {
         "x1": "labeled",
         "x2": "labeled",
-        "sub/x3": "labeled",
+        "sub__x3": "labeled",
         "x4": "unlabeled",
     }
-    assert _by_id(m)["sub/x3"].label == "labels/sub/x3.png"
+    # a sub-folder's parts join with "__" in the id; the paths keep the folders
+    assert _by_id(m)["sub__x3"].image == "images/sub/x3.png"
+    assert _by_id(m)["sub__x3"].label == "labels/sub/x3.png"
     assert _by_id(m)["x4"].label is None
     with pytest.raises(UserError, match="background_index = 5; expected a class index"):
         build_folder(root, background_index=5)

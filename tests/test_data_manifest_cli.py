@@ -150,6 +150,6 @@ def test_prepare_and_demo_commands(tmp_path: Path) -> None:
         if p.is_file():
             assert p.read_bytes() == (tmp_path / "again" / p.relative_to(demo_root)).read_bytes()
     r = run("demo", "--root", tmp_path / "x", "--gap", "3")
-    assert r.exit_code == 1 and "demo_gap = 3.0: expected a number in [0, 1]" in r.output
+    assert r.exit_code == 1 and "--gap = 3.0: expected a number in [0, 1]" in r.output
     r = run("prepare", "--config", tmp_path / "missing.toml")
     assert r.exit_code == 1 and "missing.toml: config file not found" in r.output

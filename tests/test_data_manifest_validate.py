@@ -23,11 +23,40 @@ def voc(tmp_path: Path) -> tuple[Path, Path]:
     return root, out
 
 
-def _edit_rows(path: Path, fn) -> None:
+def _edit_rows(path: Path, fn, keep_fingerprint: bool = False) -> None:
+    """Edit the rows by hand; the stale fingerprint is dropped unless ``keep_fingerprint``
+    (a manifest without one is accepted as written by hand)."""
     lines = path.read_text().splitlines()
+    meta = json.loads(lines[0])
+    if not keep_fingerprint:
+        meta["meta"]["fingerprint"] = ""
     rows = [json.loads(ln) for ln in lines[1:]]
     rows = fn(rows)
-    path.write_text("\n".join([lines[0], *(json.dumps(r) for r in rows)]) + "\n")
+    path.write_text("\n".join([json.dumps(meta), *(json.dumps(r) for r in rows)]) + "\n")
+
+
+def test_stale_fingerprint_is_a_problem_and_can_be_updated(voc) -> None:
+    _, path = voc
+    before = data_manifest.load(path).fingerprint
+    _edit_rows(
+        path,
+        lambda rows: [{**r, "split": "labeled"} if r["id"] == "v1" else r for r in rows],
+        keep_fingerprint=True,
+    )
+    msgs = _messages(path)
+    assert len(msgs) == 1
+    assert msgs[0].startswith(f"{path}: meta.fingerprint = '{before[:12]}' but the rows")
+    assert "expected an unchanged manifest" in msgs[0] and "--update-fingerprint" in msgs[0]
+    with pytest.raises(data_manifest.UserError, match="meta.fingerprint = "):
+        data_manifest.load(path)
+    report = validate(path)
+    assert not report.fatal  # --skip-bad may still clean such a manifest
+    from data_manifest.validate import update_fingerprint
+
+    new = update_fingerprint(report)
+    m = data_manifest.load(path)
+    assert m.fingerprint == new != before and m.row("v1").split == "labeled"
+    assert validate(path).ok
 
 
 def _messages(path: Path) -> list[str]:
@@ -207,3 +236,42 @@ def test_invalid_json_line(voc) -> None:
     path.write_text(path.read_text() + "{not json\n")
     (msg,) = _messages(path)
     assert msg.startswith(f"{path}:8: not valid JSON")
+
+
+def test_fingerprint_is_the_one_manifests_already_store(voc) -> None:
+    """Independent computation (the definition in the format's docs): sha256 of the canonical
+    JSON of the metadata without root and fingerprint, and of the rows sorted by id."""
+    import hashlib
+
+    _, path = voc
+    lines = path.read_text().splitlines()
+    meta = json.loads(lines[0])["meta"]
+    stored = meta.pop("fingerprint")
+    meta.pop("root")
+    rows = sorted((json.loads(ln) for ln in lines[1:]), key=lambda r: r["id"])
+    body = json.dumps({"meta": meta, "rows": rows}, sort_keys=True, separators=(",", ":"))
+    assert hashlib.sha256(body.encode()).hexdigest() == stored
+    assert data_manifest.load(path).fingerprint == stored
+
+
+def test_update_fingerprint_through_the_command_line(voc) -> None:
+    from typer.testing import CliRunner
+
+    from data_manifest.cli import app
+
+    root, path = voc
+    _edit_rows(
+        path,
+        lambda rows: [{**r, "split": "labeled"} if r["id"] == "v1" else r for r in rows],
+        keep_fingerprint=True,
+    )
+    (root / "JPEGImages" / "u1.jpg").unlink()  # another problem: nothing is stored
+    before = path.read_bytes()
+    r = CliRunner().invoke(app, ["validate", str(path), "--update-fingerprint"])
+    assert r.exit_code == 1 and "--update-fingerprint stored nothing" in r.stderr
+    assert path.read_bytes() == before
+    _edit_rows(path, lambda rows: [r for r in rows if r["id"] != "u1"], keep_fingerprint=True)
+    r = CliRunner().invoke(app, ["validate", str(path), "--update-fingerprint"])
+    assert r.exit_code == 0 and "fingerprint" in r.stdout and "stored" in r.stdout
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
+    assert data_manifest.load(path).row("v1").split == "labeled"

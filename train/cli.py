@@ -11,10 +11,18 @@ from typing import Annotated, Any
 
 import typer
 
-from data_manifest.cli_support import console, handle_errors, make_app, progress, rate_text
-from data_manifest.config import load_config, parse_section, run_dir, section_dict
+from data_manifest.cli_support import (
+    check_output_dir,
+    console,
+    handle_errors,
+    is_quiet,
+    make_app,
+    progress,
+    rate_text,
+)
+from data_manifest.config import load_config, locate, parse_section, run_dir, section_dict
 from data_manifest.errors import UserError
-from data_manifest.manifest import Manifest, load
+from data_manifest.manifest import SPLITS, Manifest, id_path, load
 from train.config import TrainConfig
 
 app = make_app(
@@ -28,6 +36,7 @@ ManifestOpt = Annotated[
     Path | None,
     typer.Option("--manifest", help="Manifest to use instead of the one [data] describes."),
 ]
+RunDirOpt = Annotated[str | None, typer.Option("--run-dir", help="Run folder (overrides run_dir).")]
 
 
 def _manifest(cfg: dict[str, Any], override: Path | None) -> Manifest:
@@ -48,8 +57,12 @@ def fit(
     config: ConfigOpt = None,
     manifest: ManifestOpt = None,
     out: Annotated[
-        str | None, typer.Option(help="Run folder (default: [train] out, else {run_dir}/train).")
+        str | None,
+        typer.Option(
+            "--out", "-o", help="Training folder (default: [train] out, else {run_dir}/train)."
+        ),
     ] = None,
+    run_dir_opt: RunDirOpt = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the config's seed).")] = None,
     pseudo_dir: Annotated[
         str | None, typer.Option(help="Pseudo-label PNG folder (default: {run_dir}/pseudo/cp).")
@@ -74,7 +87,6 @@ def fit(
             help="Continue from latest.pt in the run folder (default), or start again.",
         ),
     ] = True,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train (Stage I, then Stage II) and evaluate on the val split.
 
@@ -82,23 +94,21 @@ def fit(
     miou.png and final.json. Under torchrun every process runs this command (DDP).
     """
     cfg = load_config(config)
-    tcfg = parse_section(
-        cfg,
-        "train",
-        TrainConfig,
-        overrides={
-            "out": out,
-            "pseudo_dir": pseudo_dir,
-            "stage2": stage2,
-            "labeled_only": labeled_only,
-            "device": device,
-            "workers": workers,
-        },
-    )
-    rd = run_dir(cfg)
+    overrides = {
+        "out": out,
+        "pseudo_dir": pseudo_dir,
+        "stage2": stage2,
+        "labeled_only": labeled_only,
+        "device": device,
+        "workers": workers,
+    }
+    options = {"stage2": "--stage2", "labeled_only": "--labeled-only"}
+    tcfg = parse_section(cfg, "train", TrainConfig, overrides=overrides, options=options)
+    rd = run_dir(cfg, run_dir_opt)
     seed_value = _seed(cfg, seed)
-    m = _manifest(cfg, manifest)
     out_dir = Path(tcfg.out) if tcfg.out else rd / "train"
+    check_output_dir(out_dir, "--out" if out else "[train] out" if tcfg.out else "--run-dir")
+    m = _manifest(cfg, manifest)
     pdir = Path(tcfg.pseudo_dir) if tcfg.pseudo_dir else rd / "pseudo" / "cp"
     data = dict(cfg.get("data", {}))
     if manifest is not None:
@@ -111,17 +121,23 @@ def fit(
     }
     from train.trainer import fit as run_fit
 
-    run_fit(
-        tcfg,
-        manifest=m,
-        out=out_dir,
-        pseudo_dir=pdir,
-        seed=seed_value,
-        resume=resume,
-        resolved=resolved,
-        show_progress=not quiet,
-    )
-    if not quiet and os.environ.get("RANK", "0") == "0":
+    try:
+        run_fit(
+            tcfg,
+            manifest=m,
+            out=out_dir,
+            pseudo_dir=pdir,
+            seed=seed_value,
+            resume=resume,
+            resolved=resolved,
+            show_progress=not is_quiet(),
+        )
+    except UserError as exc:  # "[train] key = ...": name the option or the config file
+        if not str(exc).startswith("[train] "):
+            raise
+        given = [k for k, v in overrides.items() if v is not None]
+        raise UserError(locate(str(exc), cfg, "train", given, options)) from None
+    if not is_quiet() and os.environ.get("RANK", "0") == "0":
         console.print(
             f"[bold]results:[/] {out_dir}/ (final.json: per-class IoU; best.pt, latest.pt; "
             f"loss.png, miou.png; metrics.jsonl)"
@@ -132,12 +148,27 @@ def fit(
             )
 
 
+def _check_inference_options(split: str, mode: str, crop: int, stride: int, device: str) -> None:
+    if split not in SPLITS:
+        raise UserError(f"--split = {split!r}: expected one of {', '.join(SPLITS)}")
+    if mode not in ("whole", "sliding"):
+        raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
+    for name, value in (("--crop", crop), ("--stride", stride)):
+        if value < 1:
+            raise UserError(f"{name} = {value}: expected a positive number of pixels")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device = {device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device = 'cuda': CUDA is not available here; expected auto or cpu")
+
+
 def _open_checkpoint(
     config: Path | None, manifest: Path | None, checkpoint: Path, device: str, mode: str
 ) -> tuple[dict[str, Any], Manifest, Any, dict]:
     """Config, manifest, and the checkpoint's model checked against the manifest's classes."""
-    if mode not in ("whole", "sliding"):
-        raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
     cfg = load_config(config)
     m = _manifest(cfg, manifest)
     model, info = _load_for_split(checkpoint, m, device)
@@ -170,7 +201,9 @@ def evaluate(
     crop: Annotated[int, typer.Option(help="Sliding-window size in px.")] = 512,
     stride: Annotated[int, typer.Option(help="Sliding-window stride in px.")] = 341,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="Write the figures to this JSON file.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the figures to this JSON file.")
+    ] = None,
 ) -> None:
     """mIoU and per-class IoU of a checkpoint on a labeled split."""
     import torch
@@ -179,6 +212,11 @@ def evaluate(
     from train.evaluation import EvalSettings, evaluate_rows, print_iou_table
     from train.metrics import summarize
 
+    _check_inference_options(split, mode, crop, stride, device)
+    if out is not None:
+        if out.is_dir():
+            raise UserError(f"--out = {out}: is a folder; expected the path of a JSON file")
+        check_output_dir(out.parent, "--out")
     _, m, model, info = _open_checkpoint(config, manifest, checkpoint, device, mode)
     rows = m.split(split)
     if not rows or any(r.label is None for r in rows):
@@ -205,8 +243,10 @@ def predict(
     manifest: ManifestOpt = None,
     split: Annotated[str, typer.Option(help="Split to predict.")] = "val",
     out: Annotated[
-        Path | None, typer.Option(help="Output folder (default: {run_dir}/predict/<split>).")
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default: {run_dir}/predict/<split>)."),
     ] = None,
+    run_dir_opt: RunDirOpt = None,
     mode: Annotated[str, typer.Option(help="whole or sliding.")] = "whole",
     crop: Annotated[int, typer.Option(help="Sliding-window size in px.")] = 512,
     stride: Annotated[int, typer.Option(help="Sliding-window stride in px.")] = 341,
@@ -221,9 +261,14 @@ def predict(
     from data_manifest.io import write_label_png
     from train.inference import normalize, predict_logits
 
-    cfg, m, model, info = _open_checkpoint(config, manifest, checkpoint, device, mode)
+    _check_inference_options(split, mode, crop, stride, device)
+    if limit < 0:
+        raise UserError(f"--limit = {limit}: expected 0 (all images) or more")
+    cfg = load_config(config)
+    out_dir = out or run_dir(cfg, run_dir_opt) / "predict" / split
+    check_output_dir(out_dir, "--out" if out else "--run-dir")
+    _, m, model, info = _open_checkpoint(config, manifest, checkpoint, device, mode)
     rows = m.split(split)[: limit or None]
-    out_dir = out or run_dir(cfg) / "predict" / split
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     with progress() as bar:
@@ -234,9 +279,9 @@ def predict(
                 model, normalize(x, info["mean"], info["std"]), mode, crop, stride
             )
             pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-            write_label_png(out_dir / f"{row.id}.png", pred, m.palette)
+            write_label_png(id_path(out_dir, row.id), pred, m.palette)
             bar.update(task, advance=1, rate=rate_text(i + 1, time.perf_counter() - t0, "img"))
-    console.print(f"wrote {len(rows)} predictions to {out_dir}")
+    console.print(f"wrote {len(rows)} predictions to {out_dir}", highlight=False)
 
 
 @app.command("export-splits")
@@ -251,22 +296,26 @@ def export_splits_cmd(
         ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for the split files (default: {run_dir}/splits).")
+        Path | None,
+        typer.Option("--out", "-o", help="Folder for the split files (default: {run_dir}/splits)."),
     ] = None,
+    run_dir_opt: RunDirOpt = None,
 ) -> None:
     """UniMatch/AllSpark split files listing the pseudo-labeled images with their PNGs."""
     from train.splits import export_splits
 
     cfg = load_config(config)
     tcfg = parse_section(cfg, "train", TrainConfig, overrides={"pseudo_dir": pseudo_dir})
+    rd = run_dir(cfg, run_dir_opt)
+    out_dir = out or rd / "splits"
+    check_output_dir(out_dir, "--out" if out else "--run-dir")
     m = _manifest(cfg, manifest)
-    pdir = Path(tcfg.pseudo_dir) if tcfg.pseudo_dir else run_dir(cfg) / "pseudo" / "cp"
+    pdir = Path(tcfg.pseudo_dir) if tcfg.pseudo_dir else rd / "pseudo" / "cp"
     if not pdir.is_dir():
         raise UserError(
             f"{pdir}: pseudo-label folder not found; expected the output of "
             "python -m calibrate (or --pseudo-dir)"
         )
-    out_dir = out or run_dir(cfg) / "splits"
     counts = export_splits(m, pdir, out_dir)
     from data_manifest.cli_support import table
 

@@ -30,7 +30,7 @@ STREAM_UNLABELED = 1
 
 
 def pseudo_path(pseudo_dir: str | os.PathLike, image_id: str) -> Path:
-    """``<pseudo_dir>/<id>.png`` (ids containing '/' make sub-folders)."""
+    """``<pseudo_dir>/<id>.png`` (an id is a plain file name, see data_manifest.check_id)."""
     return Path(pseudo_dir) / f"{image_id}.png"
 
 

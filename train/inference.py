@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from data_manifest.cli_support import load_torch_file, state_dict_mismatch
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_bytes
 from train.models import BUILDERS, build_model
@@ -39,12 +40,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         UserError: missing file, not a checkpoint of this project, unknown architecture.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors have unrelated types
-        raise UserError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from None
+    ckpt = load_torch_file(path, map_location, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("info"), dict):
         raise UserError(
             f"{path}: not a checkpoint of this trainer; expected a dict with "
@@ -60,6 +56,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(
             f"{path}: info.arch = {info.get('arch')!r}; expected one of {', '.join(BUILDERS)}"
         )
+    missing = [k for k in ("num_classes", "classes", "mean", "std") if k not in info]
+    if missing:
+        raise UserError(
+            f"{path}: info.{missing[0]} is missing; expected the info a checkpoint written "
+            "by python -m train fit holds"
+        )
     return ckpt
 
 
@@ -71,18 +73,30 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> nn.Module:
             info["arch"],
             int(info["num_classes"]),
             pretrained=False,
-            **dict(info.get("model_kwargs", {})),
+            **dict(info.get("model_kwargs") or {}),
         )
-    except ImportError as exc:
+    except ImportError as exc:  # an optional package the architecture needs ([hf])
         raise UserError(f"{path}: arch {info['arch']!r}: {exc}") from None
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+    except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
-            f"{path}: weights do not fit arch {info['arch']!r} with "
-            f"{info['num_classes']} classes ({first})"
+            f"{path}: info describes no model this trainer can build ({type(exc).__name__}: "
+            f"{exc}); expected a checkpoint written by python -m train fit"
         ) from None
+    weights = ckpt["model"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise UserError(f"{path}: 'model' is not a state dict; expected tensors by name")
+    differ = state_dict_mismatch(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        {k: tuple(v.shape) for k, v in weights.items()},
+    )
+    if differ:
+        raise UserError(
+            f"{path}: weights do not fit arch {info['arch']!r} with {info['num_classes']} "
+            f"classes: {differ}; expected a checkpoint written for this architecture"
+        )
+    model.load_state_dict(weights, strict=True)
     return model
 
 

@@ -1,0 +1,1 @@
+"""Test double of SEEM's ``utils`` package."""
