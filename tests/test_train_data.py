@@ -240,3 +240,18 @@ def test_labels_are_resized_centre_aligned_like_the_image(tmp_path):
     for position in range(4):  # flipped or not, label and image stay aligned
         item = ds[(0, position)]
         assert torch.equal(item["label"] * 8, item["image"][0].long())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_has_backbone_and_head_groups(name):
+    from train.models import build_model
+    from train.trainer import make_optimizer
+
+    model = build_model("deeplabv3plus_effl0", 3, pretrained=False)
+    cfg = TrainConfig(optimizer=name, lr=2e-4, head_lr_mult=10.0, weight_decay=0.01)
+    opt = make_optimizer(cfg, model)
+    assert type(opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    backbone, head = opt.param_groups
+    assert (backbone["base_lr"], head["base_lr"]) == (2e-4, pytest.approx(2e-3))
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head_parameters()}
+    assert backbone["weight_decay"] == head["weight_decay"] == 0.01
