@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import _train_fixtures  # noqa: F401  (one thread per test process)
@@ -261,6 +262,12 @@ def test_segformer_errors_are_one_line(tmp_path, monkeypatch):
         build_model("segformer", 4, weights=str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="needs backbone_weights = a folder"):
         build_model("segformer", 4)
+    other = save_tiny_mit(tmp_path / "other")  # weights that do not fit their config.json
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_sizes"][-1] = 48
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"encoder keys missing or of another shape \(first: "):
+        build_model("segformer", 4, weights=str(other))
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the [hf] extra were absent
     with pytest.raises(ImportError, match=r"^transformers is not installed; expected the \[hf\]"):
         build_model("segformer", 4, weights=str(tmp_path / "nope"))

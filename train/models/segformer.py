@@ -102,7 +102,7 @@ def build_segformer(
     Raises:
         ImportError: transformers is not installed (names the [hf] extra).
         ValueError: no such folder, no config.json in it, or its weights leave encoder keys
-            missing (another model).
+            missing or of another shape (another model).
     """
     tf = _transformers()
     if config is not None and not pretrained:
@@ -133,10 +133,12 @@ def build_segformer(
             local_files_only=True,
             output_loading_info=True,
         )
-    missing = sorted(k for k in report["missing_keys"] if k.startswith("segformer."))
-    if missing:
+    # Only the decoder may start from random weights (the classifier for another class count).
+    unfit = set(report["missing_keys"]) | {m[0] for m in report.get("mismatched_keys", [])}
+    encoder = sorted(k for k in unfit if k.startswith("segformer."))
+    if encoder:
         raise ValueError(
-            f"the folder's weights leave {len(missing)} encoder keys missing (first: "
-            f"{missing[0]}); expected a SegFormer/MiT checkpoint"
+            f"the folder's weights leave {len(encoder)} encoder keys missing or of another "
+            f"shape (first: {encoder[0]}); expected a SegFormer/MiT checkpoint"
         )
     return SegFormer(model.float())
