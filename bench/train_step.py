@@ -9,7 +9,9 @@ losses summed for logging), one ``metrics.jsonl`` line per step and ``latest.pt`
 batches (the same sample positions, normalised and already on the device) and the same crop:
 forward, the two cross-entropies, backward, SGD step, nothing else. Target: real / bare <= 1.10.
 Each figure is the best of ``--repeats`` alternating measurements, so a busy machine hurts both
-alike; CUDA timings are synchronised at both ends.
+alike; CUDA timings are synchronised at both ends. On a CPU-only machine the loader's workers
+compete with the model for the cores; ``--threads 1`` on 2 cores leaves the worker a core, as
+the host has beside a GPU.
 
     python bench/train_step.py [--iters 20] [--batch-size 8] [--crop 128] [--workers 1]
     python bench/train_step.py --device cuda --amp --channels-last --arch deeplabv3plus_r101 \\
@@ -50,6 +52,7 @@ class Settings:
     device: str = "cpu"
     amp: bool = False
     channels_last: bool = False
+    threads: int = 0  # torch threads on the CPU; 0 = torch's default (all cores)
 
 
 def _synthetic_dataset(root: Path, n: int, size: int) -> tuple[Path, Path]:
@@ -169,6 +172,8 @@ def measure(**settings) -> dict:
     from train.trainer import Trainer
 
     s = Settings(**settings)
+    if s.threads:
+        torch.set_num_threads(s.threads)
     with tempfile.TemporaryDirectory() as tmp:
         mpath, pseudo = _synthetic_dataset(Path(tmp), s.images, s.size)
         m = load(mpath)
@@ -220,7 +225,8 @@ def measure(**settings) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = Settings()
-    for name in ("iters", "batch_size", "crop", "workers", "repeats", "save_every", "images"):
+    names = ("iters", "batch_size", "crop", "workers", "repeats", "save_every", "images", "threads")
+    for name in names:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     p.add_argument("--arch", default=d.arch)
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
