@@ -97,17 +97,20 @@ def _local_workers(scheduler: str) -> int:
 
 
 def auto_topk(num_classes: int) -> int:
-    """Default k for top-k storage of unlabeled images: min(K // 3, 4), at least 1; 0 (off)
-    when K <= 2.
+    """Default k for top-k storage of unlabeled images: min(K // 3, 4), at least 2 (K − 1 for
+    K = 3); 0 (off) when K <= 2.
 
-    Measured by ``bench/annotate_cache.py`` on the demo (7 classes, 300 unlabeled images,
-    q̂ = 0.995 at α = 0.05): k = 2 stores 0.066 of the bytes of float32 logits with 99.999 % of
-    LAC pseudo-label pixels unchanged; k = 1 stores 0.018 but keeps only 86 % unchanged (the
-    second class decides the foreground-over-background rule). Compressed top-k costs about
-    1.3 bytes per pixel and stored class at most, so k <= K / 3 keeps
-    within 1/8 of the 4 K bytes of float32 logits; beyond 4 classes the extra mass is too
-    small to change a prediction set in practice.
+    k >= 2 because the paper's pseudo-label (LAC sets, one q̂, the most probable foreground
+    class of the set) is then decided by the stored classes alone, up to float16 rounding
+    (see ``calibrate.topk``); at k = 1 the second class decides the foreground-over-background
+    rule and `calibrate` must leave such pixels open (255). Measured by
+    ``bench/annotate_cache.py`` on the demo (7 classes, 300 unlabeled images, q̂ = 0.995 at
+    α = 0.05): k = 2 stores 0.066 of the bytes of float32 logits with 99.999 % of LAC
+    pseudo-label pixels unchanged. Compressed top-k costs about 1.3 bytes per pixel and stored
+    class, so k <= K / 3 keeps within 1/8 of the 4 K bytes of float32 logits (k = 2 exceeds it
+    for K < 6). Class mode and ``max_set_size`` can depend on more classes than the stored
+    ones: `calibrate` counts such pixels and refuses above a limit.
     """
     if num_classes <= 2:
         return 0
-    return max(1, min(num_classes - 1, num_classes // 3, 4))
+    return max(2, min(num_classes - 1, num_classes // 3, 4))

@@ -61,7 +61,7 @@ def _annotate(quick: bool) -> tuple[dict, list[Row]]:
 def _calibrate(quick: bool) -> tuple[dict, list[Row]]:
     import calibrate_bench
 
-    f = calibrate_bench.run(images=64 if quick else 128, repeats=1 if quick else 3)
+    f = calibrate_bench.run(fraction=1 / 512 if quick else 1 / 128, repeats=1 if quick else 3)
     rows: list[Row] = [
         (
             "calibrate",

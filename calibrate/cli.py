@@ -67,6 +67,13 @@ def run(
         int | None,
         typer.Option(help="Class mode: classes with fewer calibration pixels use the pooled q̂."),
     ] = None,
+    topk_undetermined_max: Annotated[
+        float | None,
+        typer.Option(
+            help="Top-k caches: refuse when more than this fraction of unlabeled pixels "
+            "cannot be labeled exactly from the stored classes (1 = never)."
+        ),
+    ] = None,
     held_out_fraction: Annotated[
         float | None,
         typer.Option(help="Fraction of labeled images held out for the report, in [0, 1)."),
@@ -101,6 +108,7 @@ def run(
         max_set_size=max_set_size,
         threshold=threshold,
         class_min_pixels=class_min_pixels,
+        topk_undetermined_max=topk_undetermined_max,
         held_out_fraction=held_out_fraction,
         scheduler=scheduler,
         workers=workers,
@@ -132,6 +140,8 @@ def run(
             [
                 ["output", conf.out_dir],
                 ["PNGs rewritten", str(result["rewritten"])],
+                ["stale temporaries removed", str(result["removed_temporaries"])],
+                ["orphan PNGs removed (ids not unlabeled)", str(result["removed_orphans"])],
                 ["workers", str(result["workers"])],
                 ["total time", f"{tm['total_s']:.1f} s"],
             ],

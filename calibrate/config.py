@@ -30,6 +30,9 @@ class CalibrateConfig:
         threshold: confidence threshold of method "threshold"; unset = keep as many pixels as CP.
         class_min_pixels: in mode "class", classes with fewer calibration pixels use the pooled
             pixel-wise q̂; 0 = always the class's own q̂ (1 when its rank exceeds its count).
+        topk_undetermined_max: on a top-k cache, pixels whose label the stored classes leave
+            open become 255; the run refuses (before writing) when more than this fraction of
+            the unlabeled pixels would. 1 = never refuse.
         held_out_fraction: fraction of the labeled images held out for the report, in [0, 1).
         alphas: the α grid of the coverage-against-α plot.
         scheduler: "threads", "processes" (a LocalCluster), "synchronous", or a scheduler
@@ -50,6 +53,7 @@ class CalibrateConfig:
     threshold: float | None = None
     max_set_size: int = 0
     class_min_pixels: int = 100
+    topk_undetermined_max: float = 0.001
     held_out_fraction: float = 0.5
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     scheduler: str = "threads"
@@ -72,6 +76,11 @@ class CalibrateConfig:
             raise ValueError(f"max_set_size = {self.max_set_size!r}: expected >= 0 (0 = no limit)")
         if self.class_min_pixels < 0:
             raise ValueError(f"class_min_pixels = {self.class_min_pixels!r}: expected >= 0")
+        if not 0.0 <= self.topk_undetermined_max <= 1.0:
+            raise ValueError(
+                f"topk_undetermined_max = {self.topk_undetermined_max!r}: expected a number "
+                "in [0, 1]"
+            )
         if not 0.0 <= self.held_out_fraction < 1.0:
             raise ValueError(
                 f"held_out_fraction = {self.held_out_fraction!r}: expected a number in [0, 1)"

@@ -11,11 +11,15 @@ Passes (each a Dask map-reduce over batches of images, see :mod:`calibrate.runne
    threshold that keeps as many pixels as CP;
 5. unlabeled images: the pseudo-label PNGs.
 
-Nothing is written before passes 1-3 have checked every input.
+Nothing is written before passes 1-4 have checked every input. Pass 5 writes the PNGs that
+change into a staging folder beside the output folder; only when every label is computed (and
+top-k storage left few enough pixels open) is the output folder marked incomplete, updated and
+completed by ``calibration.json`` (see :mod:`calibrate.folder`).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +31,14 @@ from annotate.cache import Cache, open_cache
 from calibrate import quantile as Q
 from calibrate import report
 from calibrate.config import CalibrateConfig
+from calibrate.folder import (
+    check_writable,
+    clean,
+    commit,
+    mark_complete,
+    mark_incomplete,
+    staging_dir,
+)
 from calibrate.runner import Runner, merge
 from calibrate.tasks import (
     Ctx,
@@ -37,11 +49,13 @@ from calibrate.tasks import (
     unlabeled_counts,
     write_pseudo,
 )
+from calibrate.topk import Bounds, read_unlabeled
 from data_manifest.config import section_dict, write_resolved
 from data_manifest.errors import UserError
+from data_manifest.io import atomic_write_json
 from data_manifest.manifest import Manifest
 
-SCHEMA = 1
+SCHEMA = 2  # 2: PNG digests (pngs), per-image coverage, undetermined top-k pixels
 
 
 @dataclass
@@ -248,6 +262,47 @@ def background_index(manifest: Manifest, conf: CalibrateConfig) -> int | None:
     return bg
 
 
+def check_topk(cache: Cache, plan: Plan, conf: CalibrateConfig) -> bool:
+    """Refuse, before any pass, a score that top-k entries of this cache cannot give exactly.
+
+    APS on top-k entries stored at another resolution than the image's needs a ranking that
+    the stored classes do not give (see :mod:`calibrate.topk`). The first unlabeled image
+    stands for the cache (one annotator, one output resolution); each task checks its own.
+
+    Returns:
+        Whether unlabeled images are top-k entries stored at another resolution.
+    """
+    if cache.meta.topk <= 0 or not plan.unlabeled:
+        return False
+    resized = isinstance(read_unlabeled(cache, plan.unlabeled[0]), Bounds)
+    needs_cp = conf.method == "cp" or (conf.method == "threshold" and conf.threshold is None)
+    if resized and conf.score == "aps" and needs_cp:
+        raise UserError(
+            f"{cache.path}: image {plan.unlabeled[0]!r} is stored as top-k at a resolution "
+            "other than the image's, so score 'aps' cannot be computed exactly; expected "
+            "score 'lac', or a cache annotated with resolution = 'image' or topk = 0"
+        )
+    return resized
+
+
+def refuse_undetermined(
+    rows: list[tuple], conf: CalibrateConfig, cache: Cache, resized: bool
+) -> None:
+    """Refuse (before the folder is touched) when top-k storage leaves too many pixels open."""
+    n, total = sum(r[4] for r in rows), sum(r[2] for r in rows)
+    if total and n / total > conf.topk_undetermined_max:
+        where = " at a resolution other than the image's" if resized else ""
+        fix = "--resolution image, a larger --topk" if resized else "a larger --topk"
+        raise UserError(
+            f"{cache.path}: {100 * n / total:.2f} % of the unlabeled pixels ({n} of {total}) "
+            f"cannot be labeled exactly from the top {cache.meta.topk} classes stored per "
+            f"pixel{where} (mode {conf.mode!r}, score {conf.score!r}, max_set_size "
+            f"{conf.max_set_size}); expected at most {100 * conf.topk_undetermined_max:g} % "
+            f"(topk_undetermined_max): annotate the unlabeled images with {fix} (or "
+            "--topk 0 for full scores), or raise topk_undetermined_max to write them as 255"
+        )
+
+
 def run(
     manifest: Manifest,
     conf: CalibrateConfig,
@@ -257,15 +312,22 @@ def run(
     resolved: dict[str, Any],
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the whole calibration; returns the content of ``calibration.json``.
+    """Run the whole calibration; returns ``{"figures": content of calibration.json,
+    "rewritten", "removed_temporaries", "removed_orphans", "timings", "workers"}``.
+
+    Every path is resolved here, before any task is sent, so that workers with another
+    working directory (a remote Dask cluster) read and write the same files.
 
     Args:
         resolved: the resolved run config, written to ``out_dir/config.toml``.
     """
     t0 = time.perf_counter()
+    cache_path, out_dir = Path(cache_path).resolve(), Path(out_dir).resolve()
     cache = open_cache(cache_path)
     plan = check_inputs(manifest, cache, conf.held_out_fraction, seed)
     bg = background_index(manifest, conf)
+    check_writable(out_dir)
+    resized = check_topk(cache, plan, conf)
     grid = tuple(sorted(set(conf.alphas) | {conf.alpha}))
     ia = grid.index(conf.alpha)
     ctx = Ctx(
@@ -279,59 +341,31 @@ def run(
         main=ia,
         max_set_size=conf.max_set_size,
     )
-    label_of = {r.id: str(manifest.label_path(r)) if r.label else None for r in manifest.rows}
-    items_l = [Item(i, label_of[i], "cal") for i in plan.cal] + [
-        Item(i, label_of[i], "held") for i in plan.held
-    ]
-    items_l.sort(key=lambda it: it.id)
-    has_held = bool(plan.held)
-    timings = {}
+    label_of = {
+        r.id: str(Path(manifest.label_path(r)).resolve()) if r.label else None
+        for r in manifest.rows
+    }
+    timings: dict[str, float] = {}
     with Runner(conf.scheduler, conf.workers, show_progress) as runner:
+        qmat, qinfo, n_pixels = _calibrate(runner, plan, label_of, ctx, conf, manifest, timings)
         t = time.perf_counter()
-        res1 = _run_pass(runner, calib_high, items_l, conf.batch, "calibrate 1/2", ctx=ctx)
-        locs = plan_targets(res1, ctx, has_held)
-        targets = {k: v for k, v in locs.items() if len(k) == 2}
-        low = {}
-        if targets:
-            low = _run_pass(
-                runner, calib_low, items_l, conf.batch, "calibrate 2/2", ctx=ctx, targets=targets
-            )
-        qmat, qinfo = solve_qhats(res1, low, locs, ctx, conf, has_held)
-        timings["calibration_s"] = time.perf_counter() - t
-        n_pixels = int(sum(res1[r]["n_class"].sum() for r in ("cal", "held") if r in res1))
-        if n_pixels == 0:
-            raise UserError(
-                f"{manifest.path}: every pixel of the labeled images is 255 "
-                "(ignore); expected labeled pixels to calibrate on"
-            )
-
-        t = time.perf_counter()
-        eval_items = [Item(i, label_of[i], "held") for i in plan.held] + [
-            Item(i, label_of[i], "val") for i in plan.val
-        ]
-        qhats_eval = {"held": qmat.get("cal"), "val": qmat["all"]}
-        ev = _run_pass(
-            runner,
-            evaluate,
-            eval_items,
-            conf.batch,
-            "report",
-            ctx=ctx,
-            qhats={k: v for k, v in qhats_eval.items() if v is not None},
-        )
+        ev = _report_pass(runner, plan, label_of, ctx, conf, qmat)
         timings["report_s"] = time.perf_counter() - t
-
         qhat = qmat["all"][ia]
         u_items = [Item(i, None, "unlabeled") for i in plan.unlabeled]
         tau, n_cp = None, None
+        t = time.perf_counter()
         if conf.method == "threshold":
             if conf.threshold is not None:
                 tau = float(conf.threshold)
             else:
                 tau, n_cp, _ = matched_threshold(runner, u_items, ctx, qhat, conf.batch)
+        timings["threshold_s"] = time.perf_counter() - t
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved(out_dir / "config.toml", resolved)
+        # PNGs that differ from those in out_dir go to a staging folder first: nothing in
+        # out_dir changes until every label is computed and checked
+        stage = staging_dir(out_dir)
+        shutil.rmtree(stage, ignore_errors=True)
         t = time.perf_counter()
         wr = _run_pass(
             runner,
@@ -344,18 +378,141 @@ def run(
             qhat=qhat,
             tau=tau,
             out_dir=str(out_dir),
+            stage_dir=str(stage),
             palette=manifest.palette,
         )
         timings["write_s"] = time.perf_counter() - t
         workers = runner.n_workers
-    rows = sorted(wr.get("images", []))
-    figures = {
+    out = Outcome(qinfo, grid, ia, bg, n_pixels, ev, sorted(wr.get("images", [])), tau, n_cp)
+    try:
+        refuse_undetermined(out.rows, conf, cache, resized)
+    except UserError:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    figures = _figures(manifest, cache, conf, plan, seed, out)
+    result = {
+        "rewritten": sum(1 for r in out.rows if r[3]),
+        "removed_temporaries": 0,
+        "removed_orphans": 0,
+        "timings": timings,
+        "workers": workers,
+    }
+    _commit(out_dir, stage, plan, out.rows, resolved, result, t0)
+    report.write_all(out_dir, figures, out.rows, manifest, cache, conf)
+    mark_complete(out_dir)
+    timings["total_s"] = time.perf_counter() - t0
+    return {"figures": figures, **result}
+
+
+@dataclass
+class Outcome:
+    """What the passes found, for the report."""
+
+    qinfo: dict[str, dict[str, Any]]
+    grid: tuple[float, ...]
+    ia: int
+    background: int | None
+    n_pixels: int
+    ev: dict
+    rows: list[tuple]  # (id, kept, pixels, staged, undetermined, sha256) per unlabeled image
+    tau: float | None
+    n_cp: int | None
+
+
+def _commit(
+    out_dir: Path,
+    stage: Path,
+    plan: Plan,
+    rows: list[tuple],
+    resolved: dict[str, Any],
+    result: dict[str, Any],
+    t0: float,
+) -> None:
+    """Mark the folder incomplete, clean it, move the staged PNGs in, write config and log
+    (see :mod:`calibrate.folder`); the caller writes the report and removes the marker."""
+    t = time.perf_counter()
+    mark_incomplete(out_dir)
+    result["removed_temporaries"], result["removed_orphans"] = clean(out_dir, plan.unlabeled)
+    commit(stage, out_dir, [r[0] for r in rows if r[3]])
+    write_resolved(out_dir / "config.toml", resolved)
+    result["timings"]["commit_s"] = time.perf_counter() - t
+    result["timings"]["total_s"] = time.perf_counter() - t0
+    log = {k: _rounded(v) for k, v in result.items()}
+    atomic_write_json(out_dir / "run.json", log)
+
+
+def _rounded(v: Any) -> Any:
+    return {k: round(x, 3) for k, x in v.items()} if isinstance(v, dict) else v
+
+
+def _calibrate(
+    runner: Runner,
+    plan: Plan,
+    label_of: dict[str, str | None],
+    ctx: Ctx,
+    conf: CalibrateConfig,
+    manifest: Manifest,
+    timings: dict[str, float],
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], int]:
+    """Passes 1 and 2 over the labeled images: q̂ for every subset, α and class."""
+    items_l = [Item(i, label_of[i], "cal") for i in plan.cal] + [
+        Item(i, label_of[i], "held") for i in plan.held
+    ]
+    items_l.sort(key=lambda it: it.id)
+    has_held = bool(plan.held)
+    t = time.perf_counter()
+    res1 = _run_pass(runner, calib_high, items_l, conf.batch, "calibrate 1/2", ctx=ctx)
+    timings["pass1_s"] = time.perf_counter() - t
+    n_pixels = int(sum(res1[r]["n_class"].sum() for r in ("cal", "held") if r in res1))
+    if n_pixels == 0:
+        raise UserError(
+            f"{manifest.path}: every pixel of the labeled images is 255 "
+            "(ignore); expected labeled pixels to calibrate on"
+        )
+    locs = plan_targets(res1, ctx, has_held)
+    targets = {k: v for k, v in locs.items() if len(k) == 2}
+    t = time.perf_counter()
+    low = {}
+    if targets:
+        low = _run_pass(
+            runner, calib_low, items_l, conf.batch, "calibrate 2/2", ctx=ctx, targets=targets
+        )
+    timings["pass2_s"] = time.perf_counter() - t
+    qmat, qinfo = solve_qhats(res1, low, locs, ctx, conf, has_held)
+    return qmat, qinfo, n_pixels
+
+
+def _report_pass(
+    runner: Runner,
+    plan: Plan,
+    label_of: dict[str, str | None],
+    ctx: Ctx,
+    conf: CalibrateConfig,
+    qmat: dict[str, np.ndarray],
+) -> dict:
+    """Pass 3: held-out images against the calibration part's q̂, val against all's."""
+    items = [Item(i, label_of[i], "held") for i in plan.held]
+    items += [Item(i, label_of[i], "val") for i in plan.val]
+    qhats = {"held": qmat.get("cal"), "val": qmat["all"]}
+    qhats = {k: v for k, v in qhats.items() if v is not None}
+    return _run_pass(runner, evaluate, items, conf.batch, "report", ctx=ctx, qhats=qhats)
+
+
+def _figures(
+    manifest: Manifest, cache: Cache, conf: CalibrateConfig, plan: Plan, seed: int, out: Outcome
+) -> dict[str, Any]:
+    """The content of calibration.json (no timings: equal inputs give equal bytes)."""
+    has_held = bool(plan.held)
+    qinfo, ia, grid, rows = out.qinfo, out.ia, out.grid, out.rows
+    n_unl = sum(r[2] for r in rows)
+    n_unsure = sum(r[4] for r in rows)
+    return {
         "schema": SCHEMA,
         "alpha": conf.alpha,
         "mode": conf.mode,
         "score": conf.score,
         "method": conf.method,
-        "background_index": bg,
+        "background_index": out.background,
         "background_rule": conf.background_rule,
         "max_set_size": conf.max_set_size,
         "classes": list(manifest.classes),
@@ -363,13 +520,13 @@ def run(
         "qhat_used_by_pngs": "q̂ from all labeled images",
         "calibration": {
             "images": len(plan.cal) + len(plan.held),
-            "pixels": n_pixels,
+            "pixels": out.n_pixels,
             "pixels_per_class": dict(
                 zip(manifest.classes, (int(v) for v in qinfo["all"]["n_class"]), strict=True)
             ),
         },
         "held_out": report.figures(
-            ev.get("held"),
+            out.ev.get("held"),
             grid,
             ia,
             manifest.classes,
@@ -383,7 +540,7 @@ def run(
             },
         ),
         "val": report.figures(
-            ev.get("val"),
+            out.ev.get("val"),
             grid,
             ia,
             manifest.classes,
@@ -392,26 +549,25 @@ def run(
         "val_note": plan.val_note,
         "unlabeled": {
             "images": len(rows),
-            "pixels": int(sum(r[2] for r in rows)),
+            "pixels": int(n_unl),
             "kept_pixels": int(sum(r[1] for r in rows)),
-            "kept_fraction": report.ratio(sum(r[1] for r in rows), sum(r[2] for r in rows)),
-            "threshold": tau,
-            "threshold_matched_to_cp_kept_pixels": n_cp,
+            "kept_fraction": report.ratio(sum(r[1] for r in rows), n_unl),
+            "undetermined_pixels": int(n_unsure),
+            "undetermined_fraction": report.ratio(n_unsure, n_unl),
+            "topk": cache.meta.topk,
+            "threshold": out.tau,
+            "threshold_matched_to_cp_kept_pixels": out.n_cp,
         },
         "cache": {
             "path": str(cache.path),
             "annotator": cache.meta.annotator,
             "model_sha256": cache.meta.model_sha256,
         },
-        "manifest": {"path": str(manifest.path), "fingerprint": manifest.fingerprint},
-    }
-    report.write_all(out_dir, figures, rows, manifest, cache, conf)
-    timings["total_s"] = time.perf_counter() - t0
-    return {
-        "figures": figures,
-        "rewritten": sum(1 for r in rows if r[3]),
-        "timings": timings,
-        "workers": workers,
+        "manifest": {
+            "path": str(Path(manifest.path).resolve()),
+            "fingerprint": manifest.fingerprint,
+        },
+        "pngs": {r[0]: r[5] for r in rows},
     }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import numpy as np
 
 from calibrate.config import CalibrateConfig
 from data_manifest.cli_support import table
-from data_manifest.io import atomic_path, atomic_write_json, colorize, read_label_png
+from data_manifest.io import atomic_path, atomic_write_text, colorize, read_label_png
 from data_manifest.manifest import Manifest
 
 
@@ -35,6 +37,81 @@ def qhat_json(
     }
 
 
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` ≥ 1 degrees of freedom.
+
+    Bisection on the exact distribution function for integer df (Abramowitz & Stegun 26.7.3-4:
+    P(|T| ≤ t) as a finite series in θ = atan(t / √df)); the normal quantile beyond df = 1000,
+    where the two differ by less than 0.001.
+    """
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df > 1000:
+        return 1.959964
+
+    def two_sided(t: float) -> float:
+        th = math.atan(t / math.sqrt(df))
+        c2 = math.cos(th) ** 2
+        if df % 2:
+            term, acc = math.cos(th), 0.0
+            for j in range(1, (df - 1) // 2 + 1):
+                acc += term
+                term *= c2 * (2 * j) / (2 * j + 1)
+            return 2 / math.pi * (th + math.sin(th) * acc) if df > 1 else 2 * th / math.pi
+        term, acc = 1.0, 0.0
+        for j in range(1, df // 2 + 1):
+            acc += term
+            term *= c2 * (2 * j - 1) / (2 * j)
+        return math.sin(th) * acc
+
+    lo, hi = 0.0, 1000.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if two_sided(mid) < 0.95 else (lo, mid)
+    return (lo + hi) / 2
+
+
+def pooled_interval(covered: np.ndarray, pixels: np.ndarray) -> list[float] | None:
+    """A 95 % interval for the pooled coverage R = Σ covered / Σ pixels over images.
+
+    Pixels come in images, so images, not pixels, are the independent units: R is a ratio
+    estimator over m images, with the cluster-robust (linearised) standard error
+    SE = sqrt(m / (m − 1) · Σ (c_i − R n_i)²) / Σ n_i. The interval is R's on the logit scale,
+    logit R ± t_{0.975, m−1} · SE / (R (1 − R)), mapped back (coverage sits near 1, where a
+    symmetric interval would leave [0, 1] and cover less). When every pixel is covered (or
+    none) SE is 0 and the interval is the rule of three over images, [1 − 3/m, 1] (or
+    [0, 3/m]). None with fewer than 2 images.
+    """
+    c, n = np.asarray(covered, np.float64), np.asarray(pixels, np.float64)
+    m = c.size
+    if m < 2 or n.sum() == 0:
+        return None
+    r = c.sum() / n.sum()
+    if r <= 0 or r >= 1:
+        return [0.0, round(min(3 / m, 1.0), 6)] if r <= 0 else [round(max(1 - 3 / m, 0.0), 6), 1.0]
+    se = math.sqrt(m / (m - 1) * float(((c - r * n) ** 2).sum())) / float(n.sum())
+    half = t_quantile_975(m - 1) * se / (r * (1 - r))
+    centre = math.log(r / (1 - r))
+    return [round(1 / (1 + math.exp(-(centre + d))), 6) for d in (-half, half)]
+
+
+def per_image_coverage(rows: list[tuple[str, int, int]], alpha: float) -> dict[str, Any] | None:
+    """Spread of coverage over images: rows are (id, covered pixels, labeled pixels)."""
+    rows = sorted(r for r in rows if r[2] > 0)
+    if not rows:
+        return None
+    cov = np.array([c / n for _, c, n in rows], np.float64)
+    q05, q50, q95 = np.percentile(cov, [5, 50, 95])
+    return {
+        "images": len(rows),
+        "median": round(float(q50), 6),
+        "p05": round(float(q05), 6),
+        "p95": round(float(q95), 6),
+        "min": round(float(cov.min()), 6),
+        "images_below_target": int((cov < 1 - alpha).sum()),
+    }
+
+
 def figures(
     res: dict | None, grid: tuple[float, ...], ia: int, classes: list[str], extra: dict[str, Any]
 ) -> dict[str, Any] | None:
@@ -48,11 +125,16 @@ def figures(
     pc = res["pixels_class"]
     covered = res["per_alpha"][ia]
     out = dict(extra)
+    imgs = sorted(res.get("per_image", []))
     out.update(
         {
             "images": res["images"],
             "pixels": n,
             "coverage": ratio(covered.sum(), n),
+            "coverage_interval_95": pooled_interval(
+                np.array([c for _, c, _ in imgs]), np.array([p for _, _, p in imgs])
+            ),
+            "coverage_per_image": per_image_coverage(imgs, grid[ia]),
             "coverage_per_class": {c: ratio(covered[i], pc[i]) for i, c in enumerate(classes)},
             "pixels_per_class": {c: int(pc[i]) for i, c in enumerate(classes)},
             "mean_set_size": ratio(res["set_size"], n),
@@ -87,6 +169,8 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
     ]
     u = fig["unlabeled"]
     rows += [["unlabeled images", u["images"]], ["unlabeled kept fraction", _f(u["kept_fraction"])]]
+    if u.get("undetermined_pixels"):
+        rows.append(["undetermined by top-k storage (255)", _f(u["undetermined_fraction"])])
     if u["threshold"] is not None:
         rows.append(["confidence threshold", f"{u['threshold']:.6g}"])
     out = [table("calibration", ["setting", "value"], [[a, str(b)] for a, b in rows])]
@@ -102,11 +186,18 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
     ]
     cols = [(name, fig[name]) for name in ("held_out", "val") if fig.get(name)]
     if cols:
+        spread = [
+            ["coverage 95 % interval (images)", *[_interval(d) for _, d in cols]],
+            ["coverage per image: median", *[_img(d, "median") for _, d in cols]],
+            ["coverage per image: 5th-95th pct.", *[_img(d, "p05", "p95") for _, d in cols]],
+        ]
         out.append(
             table(
                 f"figures at alpha = {fig['alpha']} (target coverage {1 - fig['alpha']:.4g})",
                 ["figure", *[c for c, _ in cols]],
-                [[label, *[_f(d[k]) for _, d in cols]] for k, label in keys],
+                [[label, *[_f(d[k]) for _, d in cols]] for k, label in keys[:2]]
+                + spread
+                + [[label, *[_f(d[k]) for _, d in cols]] for k, label in keys[2:]],
             )
         )
         classes = fig["classes"]
@@ -126,6 +217,16 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
     return out
 
 
+def _interval(d: dict[str, Any]) -> str:
+    iv = d.get("coverage_interval_95")
+    return "-" if iv is None else f"[{iv[0]:.4f}, {iv[1]:.4f}]"
+
+
+def _img(d: dict[str, Any], *keys: str) -> str:
+    per = d.get("coverage_per_image")
+    return "-" if per is None else " - ".join(f"{per[k]:.4f}" for k in keys)
+
+
 def _f(v: Any) -> str:
     return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
@@ -138,22 +239,33 @@ def _save(fig: Any, path: Path) -> None:
 def write_all(
     out_dir: Path,
     fig: dict[str, Any],
-    rows: list[tuple[str, int, int, bool]],
+    rows: list[tuple],
     manifest: Manifest,
     cache: Any,
     conf: CalibrateConfig,
 ) -> None:
-    """Write calibration.json, kept_fraction.json and (if enabled) the plots into ``out_dir``."""
-    atomic_write_json(out_dir / "calibration.json", fig)
-    atomic_write_json(out_dir / "kept_fraction.json", {i: ratio(k, n) for i, k, n, _ in rows})
+    """Write kept_fraction.json, the plots (if enabled) and, last, calibration.json.
+
+    ``rows``: (id, kept pixels, pixels, ...) per unlabeled image. Files whose bytes would not
+    change are left alone.
+    """
+    _write_json_if_changed(out_dir / "kept_fraction.json", {r[0]: ratio(r[1], r[2]) for r in rows})
     if conf.plots:
         write_plots(out_dir, fig, rows, manifest, cache, conf)
+    _write_json_if_changed(out_dir / "calibration.json", fig)
+
+
+def _write_json_if_changed(path: Path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    atomic_write_text(path, text)
 
 
 def write_plots(
     out_dir: Path,
     fig: dict[str, Any],
-    rows: list[tuple[str, int, int, bool]],
+    rows: list[tuple],
     manifest: Manifest,
     cache: Any,
     conf: CalibrateConfig,
@@ -205,7 +317,7 @@ def write_plots(
     plt.close(f)
     # kept fraction per unlabeled image
     f, ax = plt.subplots(figsize=(5, 4))
-    kept = [ratio(k, n) or 0.0 for _, k, n, _ in rows]
+    kept = [ratio(r[1], r[2]) or 0.0 for r in rows]
     ax.hist(kept, bins=20, range=(0, 1))
     ax.set_xlabel("kept pixel fraction")
     ax.set_ylabel("unlabeled images")

@@ -1,7 +1,8 @@
 """Run map-reduce passes over images on a Dask scheduler, with a progress bar.
 
 A pass maps a module-level function over batches of images and merges the (small) results with
-:func:`merge` in a tree, so the driver never holds one result per batch at once. Schedulers:
+:func:`merge` in a tree, so neither the driver nor the cluster holds one result per batch at
+once. Schedulers:
 "threads" (Dask's local threaded scheduler, the default), "synchronous" (one thread, for
 debugging), "processes" (a :class:`distributed.LocalCluster` started for the run) or an address
 ``tcp://HOST:PORT`` of a running Dask scheduler (dask-jobqueue, dask-kubernetes, ...).
@@ -74,6 +75,7 @@ class Runner:
                 silence_logs=logging.ERROR,
             )
             self.client = Client(self._cluster)
+            self._warm()
         elif self.scheduler.startswith("tcp://"):
             from distributed import Client
 
@@ -84,7 +86,20 @@ class Runner:
                     f"scheduler = {self.scheduler!r}: cannot connect ({exc}); "
                     "expected the address of a running Dask scheduler"
                 ) from None
+            self._warm()
         return self
+
+    def _warm(self) -> None:
+        """Import the task code on every worker now: the first pass does not pay for it, and
+        a worker without this project installed is reported before any work is sent."""
+        try:
+            self.client.run(_import_tasks)
+        except Exception as exc:  # whatever the worker raised, re-raised here
+            self.__exit__()
+            raise UserError(
+                f"scheduler = {self.scheduler!r}: a worker cannot import the calibrate code "
+                f"({type(exc).__name__}: {exc}); expected workers with this project installed"
+            ) from None
 
     def __exit__(self, *exc: object) -> None:
         if self.client is not None:
@@ -167,17 +182,34 @@ class Runner:
         advance: Callable[[int], None],
         kwargs: dict[str, Any],
     ) -> Any:
+        """Results are merged on the workers as they complete, ``_FAN_IN`` at a time, and the
+        driver drops its reference to each future once it is merged: the cluster holds about
+        ``_FAN_IN`` finished results per merge level, not one per batch."""
         from distributed import as_completed
 
         client = self.client
-        futs = [client.submit(fn, b, **kwargs, pure=False) for b in batches]
-        index = {f.key: i for i, f in enumerate(futs)}
-        root = _tree(futs, lambda parts, lvl, j: client.submit(merge_many, *parts, pure=False))
-        for f in as_completed(futs):
+        pending = as_completed()
+        leaf_index: dict[str, int] = {}
+        for i, b in enumerate(batches):
+            f = client.submit(fn, b, **kwargs, pure=False)
+            leaf_index[f.key] = i
+            pending.add(f)
+        ready: list[Any] = []
+        for f in pending:
             if f.status == "error":
-                break
-            advance(index[f.key])
-        return root.result()
+                f.result()  # raises the task's exception here
+            i = leaf_index.pop(f.key, None)
+            if i is not None:
+                advance(i)
+            ready.append(f)
+            if len(ready) == _FAN_IN or (len(ready) > 1 and pending.is_empty()):
+                pending.add(client.submit(merge_many, *ready, pure=False))
+                ready = []
+        return ready[0].result()
+
+
+def _import_tasks() -> None:
+    import calibrate.tasks  # noqa: F401
 
 
 def _tree(items: list[Any], combine: Callable[[list[Any], int, int], Any]) -> Any:

@@ -79,30 +79,73 @@ def argmax0(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Index and value of the maximum over axis 0, the lowest index winning ties.
 
-    A loop over the K classes of whole-image operations: much faster than ``a.argmax(axis=0)``
-    on a (K, H, W) array, whose reduction runs across the slow axis.
+    Vectorised over classes and pixels without ``a.argmax(axis=0)``, whose reduction runs
+    across the slow axis of a (K, H, W) array: a max-reduction over axis 0 (contiguous rows),
+    then the first class that reaches it, found as a max-reduction of uint8 weights 255 − k.
+    Large arrays go in blocks of rows small enough to stay in the CPU cache.
 
     Args:
-        a: float32 (K, H, W) with values ≥ 0; mask: bool (K, H, W), classes allowed per pixel
-            (None: all); skip: a class left out (None: none).
+        a: float32 (K, H, W) with values ≥ 0, K ≤ 255; mask: bool (K, H, W), classes allowed
+            per pixel (None: all); skip: a class left out (None: none).
     Returns:
         (uint8 (H, W) index, float32 (H, W) value); value −1 where no class is allowed.
     """
-    idx = np.zeros(a.shape[1:], np.uint8)
-    best = np.full(a.shape[1:], -1.0, np.float32)
-    for k in range(a.shape[0]):
-        if k == skip:
-            continue
-        upd = a[k] > best
-        if mask is not None:
-            upd &= mask[k]
-        best = np.where(upd, a[k], best)
-        idx = np.where(upd, np.uint8(k), idx)
-    return idx, best
+    k = a.shape[0]
+    if k > 255:
+        raise ValueError(f"argmax0 takes at most 255 classes, got {k}")
+    rows = max(1, _BLOCK // max(k * int(np.prod(a.shape[2:], dtype=np.int64)), 1))
+    if a.ndim >= 3 and a.shape[1] > rows:  # blocks of rows that stay in the CPU cache
+        parts = [
+            _argmax0(a[:, y : y + rows], None if mask is None else mask[:, y : y + rows], skip)
+            for y in range(0, a.shape[1], rows)
+        ]
+        return np.concatenate([i for i, _ in parts]), np.concatenate([v for _, v in parts])
+    return _argmax0(a, mask, skip)
+
+
+# elements of a (K, rows, W) block of argmax0: ~4 MB of float32, several times the work of a
+# whole-image pass each, stays in the CPU cache
+_BLOCK = 1 << 20
+
+
+def _argmax0(
+    a: np.ndarray, mask: np.ndarray | None, skip: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    k = a.shape[0]
+    weights = np.arange(255, 255 - k, -1, dtype=np.uint8).reshape(k, *([1] * (a.ndim - 1)))
+    a = np.asarray(a, dtype=np.float32)
+    if mask is None and (skip is None or k > 1):
+        if skip is None:
+            best = a.max(axis=0)
+        else:  # the maximum of the rows around the skipped one; its weight becomes 0
+            parts = [a[:skip].max(axis=0)] if skip > 0 else []
+            parts += [a[skip + 1 :].max(axis=0)] if skip < k - 1 else []
+            best = np.maximum(parts[0], parts[-1])
+            weights = weights.copy()
+            weights[skip] = 0
+        best = best + np.float32(0.0)  # -0.0 becomes 0.0
+        first = np.multiply(a == best, weights, dtype=np.uint8).max(axis=0)
+        return np.uint8(255) - first, best
+    # float32 values >= 0 order like their bit patterns; key = bits + 1, 0 where not allowed
+    # (integer arithmetic, so a mask costs no branches; -0.0 counts as 0.0)
+    key = np.maximum(np.ascontiguousarray(a, dtype=np.float32).view(np.int32), 0)
+    key += 1
+    if mask is not None:
+        key *= mask
+    if skip is not None:
+        key[skip] = 0
+    top = key.max(axis=0)
+    first = np.multiply(key == top, weights, dtype=np.uint8).max(axis=0)
+    best = np.where(top > 0, (top - 1).view(np.float32), np.float32(-1.0))
+    return np.uint8(255) - first, best
 
 
 def pseudo_label(
-    probs: np.ndarray, sets: np.ndarray, background: int | None, max_set_size: int = 0
+    probs: np.ndarray,
+    sets: np.ndarray,
+    background: int | None,
+    max_set_size: int = 0,
+    one_threshold: bool = False,
 ) -> np.ndarray:
     """The pseudo-label of every pixel from its prediction set.
 
@@ -115,13 +158,21 @@ def pseudo_label(
     Args:
         probs: float32 (K, H, W); sets: bool (K, H, W); background: class index or None (rule
             off); max_set_size: largest set kept, 0 = no limit.
+        one_threshold: the sets come from one q̂ for every class (LAC or APS): then a class is
+            in the set whenever a more probable one is, so the most probable eligible class
+            overall is the set's if any eligible class is in it, and no masked search is needed.
     Returns:
         uint8 (H, W).
     """
-    idx, val = argmax0(probs, sets, skip=background)
-    out = np.where(val >= 0, idx, np.uint8(IGNORE_INDEX))
+    if one_threshold:
+        idx, _ = argmax0(probs, skip=background)
+        has = np.take_along_axis(sets, idx[None].astype(np.intp), 0)[0]
+    else:
+        idx, val = argmax0(probs, sets, skip=background)
+        has = val >= 0
+    out = np.where(has, idx, np.uint8(IGNORE_INDEX))
     if background is not None:
-        out = np.where((val < 0) & sets[background], np.uint8(background), out)
+        out = np.where(~has & sets[background], np.uint8(background), out)
     if max_set_size > 0:
         out = np.where(np.count_nonzero(sets, axis=0) > max_set_size, np.uint8(IGNORE_INDEX), out)
     return out.astype(np.uint8, copy=False)

@@ -7,19 +7,22 @@ a small, mergeable result (see :func:`calibrate.runner.merge`): count tables and
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 
 from annotate.cache import Cache, open_cache
 from calibrate import quantile as Q
 from calibrate import sets as S
+from calibrate import topk as T
 from calibrate.runner import merge
 from data_manifest.errors import UserError
-from data_manifest.io import read_label_png, write_label_png
+from data_manifest.io import atomic_write_bytes, encode_label_png, read_label_png
 from data_manifest.manifest import IGNORE_INDEX, id_path, reduce_zero_label
 
 
@@ -69,7 +72,17 @@ class Ctx:
 
 
 def load(cache: Cache, item: Item, ctx: Ctx) -> tuple[np.ndarray, np.ndarray | None]:
-    """Probabilities float32 (K, H, W) and, for labeled items, checked labels uint8 (H, W)."""
+    """Probabilities float32 (K, H, W) and, for labeled items, checked labels uint8 (H, W).
+
+    Labeled and val images must hold full scores: a top-k entry cannot give the score of a
+    true class outside its top k.
+    """
+    if item.label is not None and cache.info(item.id)["mode"] == "topk":
+        raise UserError(
+            f"{cache.path}: {item.role} image {item.id!r} is stored as top-k; expected full "
+            "scores for labeled and val images (annotate stores top-k only for the "
+            "unlabeled split)"
+        )
     probs = cache.probs(item.id)
     if not np.isfinite(probs).all():
         raise UserError(
@@ -95,6 +108,64 @@ def load(cache: Cache, item: Item, ctx: Ctx) -> tuple[np.ndarray, np.ndarray | N
             f"class ids 0..{ctx.num_classes - 1} or {IGNORE_INDEX} (ignore)"
         )
     return probs, lab
+
+
+Unlabeled = np.ndarray | T.TopK | T.Bounds
+
+
+def load_unlabeled(cache: Cache, item: Item) -> Unlabeled:
+    """An unlabeled image: probabilities (K, H, W), or a top-k entry (see :mod:`calibrate.topk`)."""
+    x = T.read_unlabeled(cache, item.id)
+    if isinstance(x, np.ndarray) and not np.isfinite(x).all():
+        raise UserError(
+            f"{cache.path}: image {item.id!r} has non-finite scores; expected "
+            "finite annotator outputs (re-annotate this image)"
+        )
+    return x
+
+
+def unlabeled_label(
+    x: Unlabeled, ctx: Ctx, method: str, qhat: np.ndarray, tau: float | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The pseudo-label of one unlabeled image by ``method`` ("cp", "threshold" or "raw").
+
+    Returns:
+        (label uint8 (H, W), undetermined bool (H, W) or None): pixels whose label a top-k
+        entry leaves open are 255 and marked (see :mod:`calibrate.topk`).
+    """
+    if isinstance(x, np.ndarray):
+        if method == "cp":
+            sets = S.prediction_sets(x, qhat, ctx.score)
+            one = bool(qhat.min() == qhat.max())
+            return S.pseudo_label(x, sets, ctx.background, ctx.max_set_size, one), None
+        if method == "threshold":
+            return S.threshold_label(x, float(tau)), None
+        return S.raw_label(x), None
+    if isinstance(x, T.TopK):
+        if method == "cp":
+            return T.topk_cp_label(x, qhat, ctx.score, ctx.background, ctx.max_set_size)
+        if method == "threshold":
+            return T.topk_threshold_label(x, float(tau))
+        return x.index[0].copy(), None
+    if method == "cp":
+        return T.bounds_cp_label(x, qhat, ctx.score, ctx.background, ctx.max_set_size)
+    label, unsure, low, high = T.bounds_argmax(x)
+    if method == "threshold":
+        t = np.float32(tau)
+        unsure = unsure | ((low < t) & (t < high))
+        label = np.where(~unsure & (low >= t), label, np.uint8(IGNORE_INDEX)).astype(np.uint8)
+    return label, unsure
+
+
+def max_prob(x: Unlabeled) -> np.ndarray:
+    """float32 (n,): the confidence the threshold method compares with τ, for every pixel whose
+    argmax is determined (the maximum probability; its lower bound for top-k entries)."""
+    if isinstance(x, np.ndarray):
+        return x.max(axis=0).ravel()
+    if isinstance(x, T.TopK):
+        return x.lo[0].ravel()
+    _, unsure, low, _ = T.bounds_argmax(x)
+    return low[~unsure]
 
 
 def image_rank(m: int, alpha: float) -> int:
@@ -173,7 +244,7 @@ def evaluate(batch: list[Item], ctx: Ctx, qhats: dict) -> dict:
         y = lab[valid].astype(np.int64)
         n = y.size
         pv = probs.reshape(k, -1)[:, valid.ravel()][:, None, :]  # (K, 1, n): labeled pixels
-        r: dict = {"images": 1, "pixels": int(n), "per_alpha": {}}
+        r: dict = {"images": 1, "pixels": int(n), "per_alpha": {}, "per_image": []}
         allscores = S.class_scores(pv, ctx.score)
         raw = S.raw_label(pv)[0]
         pixels_class = np.bincount(y, minlength=k).astype(np.int64)
@@ -182,10 +253,12 @@ def evaluate(batch: list[Item], ctx: Ctx, qhats: dict) -> dict:
         for a in range(q.shape[0]):  # the coverage curve: the true class's score against q̂
             covered = s_true <= q[a][y]
             r["per_alpha"][a] = np.bincount(y[covered], minlength=k).astype(np.int64)
+        r["per_image"] = [(it.id, int(r["per_alpha"][ctx.main].sum()), int(n))]
         # set figures at the run's α
         sets = allscores <= q[ctx.main].reshape(-1, 1, 1)
         size = np.count_nonzero(sets[:, 0], axis=0)
-        pl = S.pseudo_label(pv, sets, ctx.background, ctx.max_set_size)[0]
+        one = bool(q[ctx.main].min() == q[ctx.main].max())
+        pl = S.pseudo_label(pv, sets, ctx.background, ctx.max_set_size, one)[0]
         kept = pl != IGNORE_INDEX
         r["set_size"] = int(size.sum())
         r["singletons"] = int((size == 1).sum())
@@ -202,23 +275,20 @@ def unlabeled_counts(
 ) -> dict:
     """Threshold matching on unlabeled images.
 
-    With ``targets`` None (pass 1): CP's kept pixels, all pixels, and high-bit counts of the
-    max probability. With targets (pass 2): low-bit counts of max probabilities in those bins.
+    With ``targets`` None (pass 1): CP's kept pixels, the pixels the threshold may keep (all
+    of them, but for resized top-k entries those with an undetermined argmax), and high-bit
+    counts of their max probability. With targets (pass 2): low-bit counts of max
+    probabilities in those bins.
     """
     cache = _cache(ctx.cache)
     out: dict = {}
     for it in batch:
-        probs, _ = load(cache, it, ctx)
-        keys = Q.sort_keys(probs.max(axis=0).ravel())
+        x = load_unlabeled(cache, it)
+        keys = Q.sort_keys(max_prob(x))
         if targets is None:
-            sets = S.prediction_sets(probs, qhat, ctx.score)
+            lab, _ = unlabeled_label(x, ctx, "cp", qhat, None)
             r = {
-                "kept": int(
-                    (
-                        S.pseudo_label(probs, sets, ctx.background, ctx.max_set_size)
-                        != IGNORE_INDEX
-                    ).sum()
-                ),
+                "kept": int(np.count_nonzero(lab != IGNORE_INDEX)),
                 "pixels": int(keys.size),
                 "high": Q.high_counts(keys),
             }
@@ -228,6 +298,23 @@ def unlabeled_counts(
     return out
 
 
+def stage_png(
+    label: np.ndarray, palette: list[list[int]], final: Path, staged: Path
+) -> tuple[str, bool]:
+    """Encode a pseudo-label PNG; write it to ``staged`` (atomically) unless ``final`` already
+    holds these exact bytes.
+
+    Returns:
+        (sha256 hex digest of the PNG bytes, whether it was staged).
+    """
+    data = encode_label_png(label, palette, PNG_LEVEL)
+    digest = hashlib.sha256(data).hexdigest()
+    if final.is_file() and final.stat().st_size == len(data) and final.read_bytes() == data:
+        return digest, False
+    atomic_write_bytes(staged, data)
+    return digest, True
+
+
 def write_pseudo(
     batch: list[Item],
     ctx: Ctx,
@@ -235,25 +322,24 @@ def write_pseudo(
     qhat: np.ndarray,
     tau: float | None,
     out_dir: str,
+    stage_dir: str,
     palette: list[list[int]],
 ) -> dict:
-    """Write one pseudo-label PNG per unlabeled image.
+    """Compute one pseudo-label PNG per unlabeled image; those that differ from the PNG in
+    ``out_dir`` are written to ``stage_dir`` (see :func:`calibrate.folder.commit`).
 
-    Returns ``{"images": [(id, kept pixels, pixels, rewritten)]}``.
+    Returns ``{"images": [(id, kept pixels, pixels, staged, undetermined pixels, sha256)]}``.
     """
     cache = _cache(ctx.cache)
     rows = []
     for it in batch:
-        probs, _ = load(cache, it, ctx)
-        if method == "cp":
-            sets = S.prediction_sets(probs, qhat, ctx.score)
-            lab = S.pseudo_label(probs, sets, ctx.background, ctx.max_set_size)
-        elif method == "threshold":
-            lab = S.threshold_label(probs, float(tau))
-        else:
-            lab = S.raw_label(probs)
-        wrote = write_label_png(id_path(out_dir, it.id), lab, palette, PNG_LEVEL)
-        rows.append((it.id, int((lab != IGNORE_INDEX).sum()), int(lab.size), bool(wrote)))
+        x = load_unlabeled(cache, it)
+        lab, unsure = unlabeled_label(x, ctx, method, qhat, tau)
+        final, staged = id_path(out_dir, it.id), id_path(stage_dir, it.id)
+        digest, was_staged = stage_png(lab, palette, final, staged)
+        n_unsure = 0 if unsure is None else int(np.count_nonzero(unsure))
+        kept = int(np.count_nonzero(lab != IGNORE_INDEX))
+        rows.append((it.id, kept, int(lab.size), was_staged, n_unsure, digest))
     return {"images": rows}
 
 

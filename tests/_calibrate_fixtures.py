@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from annotate.cache import CacheMeta, create_or_open
+from annotate.cache import CacheMeta, create_or_open, resize_chw
 from data_manifest import Manifest, Meta, Row
 from data_manifest.io import write_label_png
 
@@ -29,14 +29,23 @@ def label_map(rng: np.random.Generator, h: int, w: int, k: int) -> np.ndarray:
 
 
 def annotator_logits(
-    rng: np.random.Generator, lab: np.ndarray, k: int, strength: float = 2.5
+    rng: np.random.Generator, lab: np.ndarray, k: int, strength: float = 2.5, smooth: int = 1
 ) -> np.ndarray:
     """Annotator-like float32 logits (K, H, W): the true class gets a random margin, so the
-    annotator is right on most pixels, unsure on some, wrong on a few."""
+    annotator is right on most pixels, unsure on some, wrong on a few. ``smooth`` > 1 draws
+    the noise on a grid that many times coarser and resizes it (spatially smooth scores, like a
+    real network's)."""
     h, w = lab.shape
-    logits = rng.normal(0.0, 1.0, size=(k, h, w)).astype(np.float32)
+    if smooth > 1:
+        hs, ws = max(h // smooth, 2), max(w // smooth, 2)
+        coarse = rng.normal(0.0, 1.0, size=(k, hs, ws)).astype(np.float32)
+        logits = 1.5 * resize_chw(coarse, h, w)
+        margin = 1.5 * resize_chw(rng.gamma(2.0, strength / 2.0, size=(1, hs, ws)), h, w)[0]
+    else:
+        logits = rng.normal(0.0, 1.0, size=(k, h, w)).astype(np.float32)
+        margin = rng.gamma(2.0, strength / 2.0, size=(h, w))
+    margin = margin.astype(np.float32)
     y = np.where(lab == 255, 0, lab).astype(np.int64)
-    margin = rng.gamma(2.0, strength / 2.0, size=(h, w)).astype(np.float32)
     np.put_along_axis(logits, y[None], np.take_along_axis(logits, y[None], 0) + margin, 0)
     return logits
 
@@ -52,8 +61,17 @@ def make_dataset(
     cache_splits: tuple[str, ...] = ("labeled", "unlabeled", "val"),
     topk: int = 0,
     classes: list[str] | None = None,
+    smooth: int = 1,
+    native_scale: int = 1,
+    strength: float = 2.5,
+    write_images: bool = True,
 ) -> tuple[Path, Path]:
     """Write images, labels, a manifest and a cache under ``root``.
+
+    ``smooth``, ``strength``: see :func:`annotator_logits`; ``native_scale`` > 1 stores every
+    image's scores at that many times less resolution (an annotator with a coarser output,
+    resolution "native"). The same seed gives the same scores whatever ``topk``.
+    ``write_images`` False writes no image files (calibrate reads them only for plots).
 
     Returns:
         (manifest path, cache path).
@@ -68,7 +86,8 @@ def make_dataset(
             iid = f"{split[:3]}{i:03d}" if split != "unlabeled" or i % 2 else f"sub u{i:03d}"
             img = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
             img_rel = f"images/{iid}.png"
-            Image.fromarray(img).save(root / img_rel)
+            if write_images:
+                Image.fromarray(img).save(root / img_rel)
             lab = label_map(rng, h, w, k)
             labels[iid] = lab
             lab_rel = None
@@ -100,7 +119,8 @@ def make_dataset(
     )
     for r in rows:
         if r.split in cache_splits:
-            writer.write(
-                r.id, annotator_logits(rng, labels[r.id], k), h, w, topk=r.split == "unlabeled"
-            )
+            logits = annotator_logits(rng, labels[r.id], k, strength, smooth)
+            if native_scale > 1:
+                logits = resize_chw(logits, h // native_scale, w // native_scale)
+            writer.write(r.id, logits, h, w, topk=r.split == "unlabeled")
     return mpath, cpath

@@ -151,6 +151,16 @@ def test_held_out_figures_use_the_calibration_part(ds: tuple[Path, Path], tmp_pa
     s_h, y_h, _ = labeled_scores(mpath, cpath, held)
     assert ho["pixels"] == s_h.size
     assert ho["coverage"] == round(float((s_h <= q_cal).mean()), 6)
+    # per image: the spread, and the image-level interval around the pooled figure
+    _, _, per = labeled_scores(mpath, cpath, sorted(held))
+    cov_i = np.array([(v <= q_cal).mean() for v in per])
+    spread = ho["coverage_per_image"]
+    assert spread["images"] == 3 and spread["median"] == round(float(np.median(cov_i)), 6)
+    assert spread["p05"] == round(float(np.percentile(cov_i, 5)), 6)
+    assert spread["min"] == round(float(cov_i.min()), 6)
+    assert spread["images_below_target"] == int((cov_i < 0.8).sum())
+    lo, hi = ho["coverage_interval_95"]
+    assert lo < ho["coverage"] < hi or ho["coverage"] == 1.0
     for k, name in enumerate(cal["classes"]):
         sel = y_h == k
         exp = round(float((s_h[sel] <= q_cal).mean()), 6) if sel.any() else None
@@ -251,6 +261,12 @@ def test_max_set_size_drops_large_sets_and_threshold_matches_it(
     assert thr["threshold_matched_to_cp_kept_pixels"] == kept
 
 
+def top1_lower(cache: object, image_id: str) -> np.ndarray:
+    """float32 (n,): lower bound of the top-1 probability of a top-k entry."""
+    v = cache.stored(image_id)["topk_prob"][0].ravel()
+    return v.astype(np.float32) - np.spacing(v).astype(np.float32) / 2
+
+
 def test_raw_and_threshold_methods(ds: tuple[Path, Path], tmp_path: Path) -> None:
     mpath, cpath = ds
     m, cache = load(mpath), open_cache(cpath)
@@ -265,7 +281,9 @@ def test_raw_and_threshold_methods(ds: tuple[Path, Path], tmp_path: Path) -> Non
     res = invoke(mpath, cpath, tmp_path / "thr", "--method", "threshold", "--alpha", "0.3")
     assert res.exit_code == 0, res.output
     thr = json.loads((tmp_path / "thr" / "calibration.json").read_text())["unlabeled"]
-    maxp = np.concatenate([cache.probs(r.id).max(axis=0).ravel() for r in unl])
+    # top-k entries: the threshold compares the lower end of the stored float16 top-1's
+    # rounding step (so that a matched τ never falls inside a step)
+    maxp = np.concatenate([top1_lower(cache, r.id) for r in unl])
     n_cp = cp["kept_pixels"]
     assert 0 < n_cp < maxp.size
     assert thr["threshold_matched_to_cp_kept_pixels"] == n_cp
@@ -290,25 +308,55 @@ def test_rerun_rewrites_nothing_and_recovers_from_a_kill(
     assert pngs(out) == first
     assert {p: (out / p).stat().st_mtime_ns for p in first} == mtimes
     assert (out / "calibration.json").read_bytes() == js
-    # a killed run: one PNG missing, one half-written temporary, one stale
+    run = json.loads((out / "run.json").read_text())
+    assert run["rewritten"] == 0 and run["removed_temporaries"] == run["removed_orphans"] == 0
+    # a killed run: one PNG missing, one half-written temporary, one stale; and PNGs of ids
+    # that are no longer unlabeled
     victims = sorted(first)
     (out / victims[0]).unlink()
     v1 = out / victims[1]
     (v1.parent / f".{v1.name}.x.png.tmp").write_bytes(b"partial")
+    (out / ".calibration.json.y.tmp").write_bytes(b"{")
     write_label_png(out / victims[2], np.zeros((24, 32), np.uint8), [[0, 0, 0]])
-    assert invoke(mpath, cpath, out).exit_code == 0
+    write_label_png(out / "gone.png", np.zeros((24, 32), np.uint8), [[0, 0, 0]])
+    write_label_png(out / "old.png", np.zeros((24, 32), np.uint8), [[0, 0, 0]])
+    res = runner.invoke(
+        app,
+        ["run", "--manifest", str(mpath), "--cache", str(cpath), "--out-dir", str(out)]
+        + ["--no-plots"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "stale temporaries removed" in res.output and "orphan PNGs removed" in res.output
     assert pngs(out) == first
     assert (out / "calibration.json").read_bytes() == js
+    run = json.loads((out / "run.json").read_text())
+    assert run["rewritten"] == 2
+    assert run["removed_temporaries"] == 2 and run["removed_orphans"] == 2
+    assert not (out / "old.png").exists() and not list(out.rglob("*.tmp"))
+
+
+def test_refuses_a_foreign_non_empty_out_dir(ds: tuple[Path, Path], tmp_path: Path) -> None:
+    """Orphan clean-up only ever runs in folders calibrate wrote."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "photo.png").write_bytes(b"not ours")
+    res = invoke(*ds, out)
+    assert res.exit_code == 1
+    assert "out_dir exists, is not empty and holds no calibration.json" in res.output
+    assert (out / "photo.png").read_bytes() == b"not ours"
 
 
 @pytest.mark.slow
 def test_local_cluster_gives_identical_bytes(ds: tuple[Path, Path], tmp_path: Path) -> None:
     mpath, cpath = ds
-    assert invoke(mpath, cpath, tmp_path / "t", "--mode", "class", "--batch", "2").exit_code == 0
+    loose = ("--topk-undetermined-max", "1")  # class mode leaves a few top-k pixels open
+    res = invoke(mpath, cpath, tmp_path / "t", "--mode", "class", "--batch", "2", *loose)
+    assert res.exit_code == 0, res.output
     res = invoke(
         mpath,
         cpath,
         tmp_path / "p",
+        *loose,
         "--mode",
         "class",
         "--batch",

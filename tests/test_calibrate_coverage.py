@@ -93,3 +93,46 @@ def test_class_conditional_coverage() -> None:
     for k in range(K):
         _, lo, hi = tolerance(int(n_k[k]), m_k, alpha, trials)
         assert lo <= cov[:, k].mean() <= hi, (k, cov[:, k].mean(), lo, hi)
+
+
+def test_pooled_interval_formula() -> None:
+    """Three images by hand: R = 150/300 = 0.5, residuals c_i − R n_i = (−10, 10, 0),
+    SE = sqrt(3/2 · 200) / 300, logit-scale half-width t(2) · SE / (R (1 − R))."""
+    from calibrate.report import pooled_interval, t_quantile_975
+
+    assert abs(t_quantile_975(2) - 4.302653) < 1e-5 and abs(t_quantile_975(29) - 2.045230) < 1e-5
+    lo, hi = pooled_interval(np.array([40, 60, 50]), np.array([100, 100, 100]))
+    half = 4.302653 * np.sqrt(1.5 * 200) / 300 / 0.25
+    assert abs(lo - 1 / (1 + np.exp(half))) < 1e-6 and abs(hi - 1 / (1 + np.exp(-half))) < 1e-6
+    assert pooled_interval(np.array([5]), np.array([10])) is None
+    assert pooled_interval(np.array([10, 20, 5, 7]), np.array([10, 20, 5, 7])) == [0.25, 1.0]
+
+
+def test_pooled_interval_covers_with_clustered_pixels() -> None:
+    """Images differ in coverage (pixels of one image are covered together): the image-level
+    interval covers the population's pooled coverage about 95 % of the time; a binomial
+    interval over pixels, which treats them as independent, far less often.
+
+    Model: m = 30 images, n_i ~ U{200..2000} pixels, coverage rate c_i ~ Beta(9, 0.8)
+    (mean μ = 9/9.8, a long tail of badly covered images), covered ~ Binomial(n_i, c_i); the
+    pooled coverage of the population is E[n c] / E[n] = μ (n and c independent). The
+    interval's actual coverage in this model is 91 % at m = 5, 93 % at m = 10 to 30, 95 % at
+    m = 100 (simulated, 1000 trials each). Over T = 1000 trials the observed rate has a
+    standard deviation ≤ 0.0086 at a true rate ≥ 0.92, so [0.92 − 3·0.0086, 0.99] fails a
+    correct implementation with probability ≈ 0.1 % or less, and the seed fixes the outcome.
+    """
+    from calibrate.report import pooled_interval
+
+    rng = np.random.default_rng(5)
+    mu, trials, m = 9 / 9.8, 1000, 30
+    ours = naive = 0
+    for _ in range(trials):
+        n = rng.integers(200, 2001, size=m)
+        c = rng.binomial(n, rng.beta(9, 0.8, size=m))
+        lo, hi = pooled_interval(c, n)
+        ours += lo <= mu <= hi
+        r = c.sum() / n.sum()
+        half = 1.96 * np.sqrt(r * (1 - r) / n.sum())
+        naive += r - half <= mu <= r + half
+    assert 0.92 - 3 * 0.0086 <= ours / trials <= 0.99, ours / trials
+    assert naive / trials < 0.5, naive / trials

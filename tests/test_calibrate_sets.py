@@ -114,3 +114,36 @@ def test_prediction_sets_agree_with_scores(score: str) -> None:
     for q in (np.zeros(4), np.ones(4), np.array([0.1, 0.5, 0.9, 0.3]), s[:, 3, 3]):
         q = q.astype(np.float32)
         np.testing.assert_array_equal(S.prediction_sets(p, q, score), s <= q[:, None, None])
+
+
+@pytest.mark.parametrize("score", ["lac", "aps"])
+@pytest.mark.parametrize("bg", [None, 0, 3])
+def test_pseudo_label_against_a_pixel_loop(score: str, bg: int | None) -> None:
+    """Class-wise thresholds (sets not monotone in p), APS, exact ties, size limits: the
+    vectorised rule equals the rule written out pixel by pixel."""
+    rng = np.random.default_rng(17)
+    k = 7
+    p = rng.dirichlet(np.ones(k) * 0.4, size=(12, 15)).astype(np.float32).transpose(2, 0, 1)
+    p[:, 0, :7] = np.round(p[:, 0, :7] * 8) / 8  # ties
+    p[3, 1] = p[5, 1]
+    for q, one in (
+        (rng.choice([0.3, 0.6, 0.9, 0.97, 1.0], size=k).astype(np.float32), False),
+        (np.full(k, 0.8, np.float32), True),  # one q̂: the unmasked search
+        (np.full(k, 0.8, np.float32), False),
+    ):
+        _check_against_loop(p, S.prediction_sets(p, q, score), bg, one)
+    assert (S.raw_label(p) == p.argmax(axis=0)).all()
+
+
+def _check_against_loop(p: np.ndarray, sets: np.ndarray, bg: int | None, one: bool) -> None:
+    k = p.shape[0]
+    for m in (0, 1, 2):
+        got = S.pseudo_label(p, sets, bg, m, one)
+        for yy, xx in np.ndindex(*p.shape[1:]):
+            members = [c for c in range(k) if sets[c, yy, xx]]
+            fg = [c for c in members if c != bg]
+            pick = fg or ([bg] if bg in members else [])
+            want = max(pick, key=lambda c: (p[c, yy, xx], -c)) if pick else 255
+            if m and len(members) > m:
+                want = 255
+            assert got[yy, xx] == want, (yy, xx, members)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from calibrate.folder import check_complete
 from data_manifest.errors import UserError
 from data_manifest.io import read_label_png
 from data_manifest.manifest import Manifest, Row
@@ -117,6 +118,7 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, pseudo_dir: Path) -> None
     check_labels(manifest, labeled, None, cfg.check_labels)
     check_labels(manifest, manifest.split("val"), None, cfg.check_labels)
     if cfg.uses_pseudo:
+        check_complete(pseudo_dir, [r.id for r in unlabeled], verify=cfg.check_labels)
         check_labels(manifest, unlabeled, pseudo_dir, cfg.check_labels)
 
 
