@@ -348,7 +348,7 @@ def export_revision(rev: str, dest: Path) -> str:
     return commit
 
 
-def describe_worktree() -> str:
+def describe_checkout() -> str:
     """The current commit, and whether the tree has uncommitted changes."""
 
     def git(*args: str) -> str:
@@ -425,7 +425,7 @@ def compare(s: Setup, rev: str, rounds: int, profile: bool) -> dict[str, Any]:
         "bench": "annotate_speed_vs_baseline",
         "baseline_rev": rev,
         "baseline_commit": commit,
-        "current": describe_worktree(),
+        "current": describe_checkout(),
         "setup": dataclasses.asdict(s),
         "model": runs["current"][0]["model"],
         "device_name": runs["current"][0]["device_name"],
