@@ -9,7 +9,7 @@ calibrate stage and notebooks can use it cheaply::
     >>> p = cache.probs(cache.ids[0])      # float32 (K, H, W), sums to 1 over K
     >>> cache.argmax(cache.ids[0])         # uint8 (H, W)
 
-Layout (schema 1)::
+Layout (schema 2; schema 1 has the same layout and is read the same way)::
 
     cache.zarr/zarr.json                root group; attributes below
     cache.zarr/images/im-<quoted id>/   one group per image, attributes {id, height, width, mode}
@@ -26,6 +26,13 @@ off) and ``extra`` (free-form annotator details).
 An image's group is written under a temporary name and renamed into place, so an image is
 present exactly when all its data is. The root metadata is created once, atomically, and never
 changed afterwards; writers only add image groups, each image by exactly one writer.
+
+Schema 2 has schema 1's layout; its probabilities may differ in the last bits: a run on a GPU
+computes them there with torch (:mod:`annotate.postprocess`), whose ``exp`` differs from
+numpy's, and a run on a CPU with numpy on contiguous blocks of rows (:func:`encode_image`),
+which sums over classes in another order than schema 1 did for channels-last scores. Both
+schemas are read; images are added to schema-2 caches only, so that a resumed cache never
+mixes two computations.
 """
 
 from __future__ import annotations
@@ -53,7 +60,8 @@ from zarr.storage import MemoryStore
 
 from data_manifest.errors import UserError
 
-SCHEMA = 1
+SCHEMA = 2
+READ_SCHEMAS = (1, 2)
 NORMALIZATIONS = ("softmax", "sum", "probs")
 _PREFIX = "im-"
 _TMP = ".tmp-"
@@ -82,10 +90,10 @@ class CacheMeta:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any], where: str) -> CacheMeta:
-        if attrs.get("schema") != SCHEMA:
+        if attrs.get("schema") not in READ_SCHEMAS:
             raise UserError(
                 f"{where}: cache schema is {attrs.get('schema')!r}; this version "
-                f"reads schema {SCHEMA}"
+                f"reads schemas {', '.join(map(str, READ_SCHEMAS))}"
             )
         try:
             d = {k: attrs[k] for k in cls.__dataclass_fields__ if k in attrs}
@@ -112,8 +120,10 @@ def to_probs(scores: np.ndarray, normalization: str) -> np.ndarray:
     """
     s = scores.astype(np.float32, copy=False)
     if normalization == "softmax":
-        e = np.exp(s - s.max(axis=0, keepdims=True))
-        return e / e.sum(axis=0, keepdims=True)
+        e = np.subtract(s, s.max(axis=0, keepdims=True))
+        np.exp(e, out=e)
+        e /= e.sum(axis=0, keepdims=True)
+        return e
     if normalization in ("sum", "probs"):
         s = np.maximum(s, 0.0)
         total = s.sum(axis=0, keepdims=True)
@@ -135,27 +145,44 @@ def resize_chw(a: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, -1, 0))
 
 
-def topk_encode(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k most probable classes per pixel.
+def topk_encode(probs: np.ndarray, k: int, block: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+    """The k most probable classes per pixel, most probable first; among equal probabilities
+    the lowest class index first (the order of a stable descending sort).
+
+    k passes over ``block`` pixels at a time (a block's rows stay in the CPU cache): the
+    largest probability m, the first class j holding it (the largest K - j over the classes
+    equal to m, in uint8), then that class set below every probability. The stored values are
+    the maxima themselves, so they are exact.
 
     Args:
-        probs: float32 (K, h, w).
+        probs: float32 (K, h, w) probabilities, K <= 255.
     Returns:
-        (index uint8 (k, h, w), prob float16 (k, h, w)), most probable first.
+        (index uint8 (k, h, w), prob float16 (k, h, w)); a pixel with NaN probabilities gets
+        NaN and indices in range.
     """
-    k = min(k, probs.shape[0])
-    if k <= 4:  # k argmax passes: the order of a stable sort (ties: lowest index first)
-        work = probs.reshape(probs.shape[0], -1).copy()
-        cols = np.arange(work.shape[1])
-        rows = []
-        for _ in range(k):
-            i = work.argmax(axis=0)
-            rows.append(i)
-            work[i, cols] = -np.inf
-        idx = np.stack(rows).reshape(k, *probs.shape[1:])
-    else:
-        idx = np.argsort(-probs, axis=0, kind="stable")[:k]
-    return idx.astype(np.uint8), np.take_along_axis(probs, idx, axis=0).astype(np.float16)
+    num = probs.shape[0]
+    k = min(k, num)
+    if num > 255:
+        raise ValueError(f"top-k stores class indices as uint8; {num} classes is more than 255")
+    flat = probs.reshape(num, -1)
+    n = flat.shape[1]
+    index = np.empty((k, n), np.uint8)
+    prob = np.empty((k, n), np.float16)
+    down = np.arange(num, 0, -1, dtype=np.uint8)[:, None]  # K - j
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        work = np.array(flat[:, a:b], dtype=np.float32)  # a copy, overwritten below
+        equal = np.empty(work.shape, bool)
+        first = np.empty(work.shape, np.uint8)
+        cols = np.arange(b - a)
+        for r in range(k):
+            best = work.max(axis=0)
+            np.multiply(np.equal(work, best, out=equal), down, out=first)
+            j = np.minimum(num - first.max(axis=0), num - 1)
+            index[r, a:b], prob[r, a:b] = j, best
+            if r + 1 < k:
+                work[j, cols] = -1.0
+    return index.reshape(k, *probs.shape[1:]), prob.reshape(k, *probs.shape[1:])
 
 
 def topk_decode(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.ndarray:
@@ -175,6 +202,86 @@ def topk_decode(index: np.ndarray, prob: np.ndarray, num_classes: int) -> np.nda
     if num_classes == k:
         out /= np.maximum(out.sum(axis=0, keepdims=True), 1e-12)
     return out
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How an image is stored.
+
+    Attributes:
+        mode: "scores" (float16 raw scores at the model's resolution), "probs" (float16
+            probabilities at image resolution) or "topk" (uint8 indices + float16
+            probabilities of the k most probable classes).
+        classes: K, the dataset's classes.
+        k: k of "topk" (0 otherwise).
+        normalization: how the scores become probabilities ("softmax", "sum", "probs").
+        resize: probabilities are resized to the image's resolution before they are stored.
+    """
+
+    mode: Literal["scores", "probs", "topk"]
+    classes: int
+    k: int
+    normalization: str
+    resize: bool
+
+
+def storage_for(meta: CacheMeta, topk: bool) -> Storage:
+    """The storage of an image in a cache with ``meta``; ``topk``: the image may use top-k
+    (unlabeled images). Top-k applies when ``0 < meta.topk < K``."""
+    num = len(meta.classes)
+    use_topk = topk and 0 < meta.topk < num
+    resize = meta.resolution == "image"
+    mode = "topk" if use_topk else ("probs" if resize else "scores")
+    return Storage(mode, num, meta.topk if use_topk else 0, meta.normalization, resize)
+
+
+def encode_image(scores: np.ndarray, st: Storage, height: int, width: int) -> dict[str, np.ndarray]:
+    """The arrays stored for one image, computed on the host with numpy (a run on a CPU).
+
+    Probabilities are computed on contiguous blocks of rows (up to 32768 pixels), which keeps
+    a block in the CPU cache whatever the memory layout of the scores (convolutions on a CPU
+    often leave them channels-last), and makes the result independent of that layout.
+
+    Args:
+        scores: float32 (K, h, w) scores in the dataset's classes at the model's resolution.
+        st: how the image is stored.
+        height, width: the image's own resolution.
+    Returns:
+        {"scores": float16 (K, h, w)}, {"scores": float16 (K, height, width)} (mode "probs"),
+        or {"topk_index": uint8 (k, ., .), "topk_prob": float16 (k, ., .)}.
+    """
+    if st.mode == "scores":
+        return {"scores": scores.astype(np.float16)}
+    num, h, w = scores.shape
+    step = max(1, 32768 // w)
+    blocks = [slice(r, min(r + step, h)) for r in range(0, h, step)]
+    if st.resize:
+        p = np.empty((num, h, w), np.float32)
+        for rows in blocks:
+            p[:, rows] = to_probs(np.ascontiguousarray(scores[:, rows]), st.normalization)
+        return finish_image({"probs": p}, st, height, width)
+    index = np.empty((st.k, h, w), np.uint8)
+    prob = np.empty((st.k, h, w), np.float16)
+    for rows in blocks:
+        block = to_probs(np.ascontiguousarray(scores[:, rows]), st.normalization)
+        index[:, rows], prob[:, rows] = topk_encode(block, st.k)
+    return {"topk_index": index, "topk_prob": prob}
+
+
+def finish_image(
+    arrays: dict[str, np.ndarray], st: Storage, height: int, width: int
+) -> dict[str, np.ndarray]:
+    """The arrays stored for one image from its float32 (K, h, w) ``probs`` (resized to the
+    image's resolution first when ``st.resize``), or its stored arrays unchanged."""
+    if "probs" not in arrays:
+        return arrays
+    p = arrays["probs"]
+    if st.resize:
+        p = resize_chw(p, height, width)
+    if st.mode == "topk":
+        index, prob = topk_encode(p, st.k)
+        return {"topk_index": index, "topk_prob": prob}
+    return {"scores": p.astype(np.float16)}
 
 
 _ARRAY_META: dict[tuple[tuple[int, ...], str], bytes] = {}
@@ -208,11 +315,16 @@ def encode_group(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[s
     for name, a in arrays.items():
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
         files[f"{name}/zarr.json"] = _array_metadata(a.shape, a.dtype)
-        files[f"{name}/c/" + "/".join("0" * a.ndim)] = _ZSTD.encode(a.tobytes())
+        files[f"{name}/c/" + "/".join("0" * a.ndim)] = _ZSTD.encode(a)  # releases the GIL
     return files
 
 
 _ARRAY_NAMES = ("scores", "topk_index", "topk_prob")
+
+
+def image_attrs(image_id: str, height: int, width: int, mode: str) -> dict[str, Any]:
+    """The attributes of an image's group."""
+    return {"id": image_id, "height": int(height), "width": int(width), "mode": mode}
 
 
 class _NotSimple(Exception):
@@ -396,7 +508,7 @@ class CacheWriter(Cache):
     def write(
         self, image_id: str, scores: np.ndarray, height: int, width: int, topk: bool = False
     ) -> None:
-        """Store one image atomically (a no-op if it is already present).
+        """Store one image atomically from its scores (a no-op if it is already present).
 
         Args:
             scores: float32 (K, h, w) raw annotator scores at its native resolution.
@@ -410,35 +522,28 @@ class CacheWriter(Cache):
                 f"scores for {image_id!r} have shape {scores.shape}; expected "
                 f"({self.num_classes}, h, w)"
             )
-        use_topk = topk and 0 < self.meta.topk < self.num_classes
-        if use_topk or self.meta.resolution == "image":
-            data = to_probs(scores, self.meta.normalization)
-            if self.meta.resolution == "image":
-                data = resize_chw(data, height, width)
-            if use_topk:
-                idx, prob = topk_encode(data, self.meta.topk)
-                arrays, mode = {"topk_index": idx, "topk_prob": prob}, "topk"
-            else:
-                arrays, mode = {"scores": data.astype(np.float16)}, "probs"
-        else:
-            arrays, mode = {"scores": scores.astype(np.float16)}, "scores"
-        self._write_group(
-            image_id,
-            arrays,
-            {"id": image_id, "height": int(height), "width": int(width), "mode": mode},
+        st = storage_for(self.meta, topk)
+        arrays = encode_image(scores, st, height, width)
+        self.write_files(
+            image_id, encode_group(arrays, image_attrs(image_id, height, width, st.mode))
         )
 
-    def _write_group(
-        self, image_id: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]
-    ) -> None:
+    def write_files(self, image_id: str, files: dict[str, bytes]) -> None:
+        """Store one image's group files (from :func:`encode_group`) atomically: under a
+        temporary name, then renamed into place. A no-op if the image is already present."""
+        if image_id in self:
+            return
         images = self.path / "images"
         final = images / image_key(image_id)
         tmp = images / f"{_TMP}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+        folders = {"/".join(k.split("/")[:i]) for k in files for i in range(1, k.count("/") + 1)}
         try:
-            for key, data in encode_group(arrays, attrs).items():
-                f = tmp.joinpath(*key.split("/"))
-                f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_bytes(data)
+            os.mkdir(tmp)
+            for folder in sorted(folders, key=lambda f: f.count("/")):  # parents first
+                os.mkdir(tmp / folder)
+            for key, data in files.items():
+                with open(tmp / key, "wb") as f:
+                    f.write(data)
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -513,6 +618,13 @@ def create_or_open(path: str | os.PathLike, meta: CacheMeta) -> CacheWriter:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     writer = CacheWriter(path)
+    if writer.meta.schema != SCHEMA:
+        raise UserError(
+            f"{path}: cache schema is {writer.meta.schema}, written by an earlier version; "
+            f"this version reads it but adds images only to schema-{SCHEMA} caches (its "
+            "probabilities differ in the last bits); use a new cache path, or finish this "
+            "one with the earlier version"
+        )
     check_compatible(writer.meta, meta, str(path))
     return writer
 

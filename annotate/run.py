@@ -6,13 +6,22 @@ what is already cached, so a resumed or sharded run feeds the model exactly the 
 an uninterrupted one and writes the same bytes. Shard ``i/n`` takes the batches whose index
 is ``i`` modulo ``n``.
 
-Three stages overlap: background threads read, check and resize images; the main thread runs
-batched forward passes (AMP on CUDA); a writer thread turns scores into cache entries.
+Three stages overlap. Loader threads read, check, resize and stack images (into pinned memory
+on CUDA). The main thread runs the forward pass (AMP on CUDA) and the vocabulary. On CUDA it
+also post-processes there (probabilities, top-k, float16: :mod:`annotate.postprocess`) and
+starts non-blocking copies of only the stored arrays into pinned host memory, followed by a
+CUDA event, without waiting for the device. A pool of writer threads takes each image: on CUDA
+it waits for the group's event; on a CPU it post-processes the image with numpy (the device is
+the host, and the writers spread that work over its cores while the next batch runs); then it
+compresses and atomically writes the image's group. At most ``2 * batch_size`` images wait for
+a writer, so memory stays flat however large the data set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -25,7 +34,17 @@ import cv2
 import numpy as np
 
 from annotate.annotators import Annotator, build_annotator
-from annotate.cache import CacheMeta, CacheWriter, create_or_open
+from annotate.cache import (
+    CacheMeta,
+    CacheWriter,
+    Storage,
+    create_or_open,
+    encode_group,
+    encode_image,
+    finish_image,
+    image_attrs,
+    storage_for,
+)
 from annotate.config import AnnotateConfig, auto_topk
 from annotate.vocab import Vocabulary, build_vocabulary
 from data_manifest.errors import UserError
@@ -77,23 +96,64 @@ def select_device(name: str) -> Any:
     return torch.device(name)
 
 
+PHASES = ("decode", "h2d", "forward", "post", "d2h", "encode", "write")
+
+
+class Phases:
+    """Seconds spent per phase of a run, summed over the threads that do it (thread-safe).
+
+    decode: reading, checking, resizing and stacking images (loader threads); h2d, forward,
+    d2h: copies and the model (on CUDA the device's own time, from CUDA events); post:
+    probabilities, top-k, float16 (on CUDA the device's time plus, at image resolution, the
+    resize on the host; on a CPU the writer threads' time); encode: compression; write:
+    files and rename (writer threads).
+    """
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self._lock = threading.Lock()
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] += seconds
+
+
+@dataclass
+class Group:
+    """Images of one size from a batch, in batch order: uint8 (b, H, W, 3), stacked."""
+
+    rows: list[Row]
+    images: Any  # torch.Tensor, in pinned memory when the model is on CUDA
+
+
 @dataclass
 class Loaded:
-    """A batch after decoding: images ready for the model, and the rows that failed."""
+    """A batch after decoding: its images in groups of equal size, and the rows that failed."""
 
     batch: Batch
-    images: list[tuple[Row, np.ndarray]] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
     bad: list[dict[str, str]] = field(default_factory=list)
 
 
-def load_batch(manifest: Manifest, batch: Batch, input_size: tuple[int, ...]) -> Loaded:
-    """Read, check and resize the images of a batch (runs in a worker thread).
+def load_batch(
+    manifest: Manifest,
+    batch: Batch,
+    input_size: tuple[int, ...],
+    pin: bool = False,
+    phases: Phases | None = None,
+) -> Loaded:
+    """Read, check, resize and stack the images of a batch (runs in a worker thread).
 
     Images are uint8 (h, w, 3) RGB, resized bilinearly to ``input_size`` (height, width) when
-    given. An image that is missing, unreadable, or not the size the manifest says is
-    recorded in ``bad`` with its error message.
+    given, then stacked per size into uint8 tensors (b, h, w, 3), in page-locked memory when
+    ``pin`` (so that the copy to the GPU is asynchronous). An image that is missing,
+    unreadable, or not the size the manifest says is recorded in ``bad`` with its error.
     """
+    import torch
+
+    t0 = time.perf_counter()
     out = Loaded(batch)
+    sizes: dict[tuple[int, ...], list[tuple[Row, np.ndarray]]] = {}
     for row in batch.rows:
         try:
             img = manifest.read_image(row)
@@ -109,7 +169,13 @@ def load_batch(manifest: Manifest, batch: Batch, input_size: tuple[int, ...]) ->
             continue
         if input_size and img.shape[:2] != tuple(input_size):
             img = cv2.resize(img, (input_size[1], input_size[0]), interpolation=cv2.INTER_LINEAR)
-        out.images.append((row, img))
+        sizes.setdefault(img.shape, []).append((row, img))
+    for shape, members in sizes.items():
+        stack = torch.empty((len(members), *shape), dtype=torch.uint8, pin_memory=pin)
+        np.stack([img for _, img in members], out=stack.numpy())
+        out.groups.append(Group([r for r, _ in members], stack))
+    if phases is not None:
+        phases.add("decode", time.perf_counter() - t0)
     return out
 
 
@@ -127,6 +193,7 @@ class RunResult:
     forward_s: float
     device: str
     meta: CacheMeta | None = None
+    phases: dict[str, float] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         n = sum(self.annotated.values())
@@ -149,6 +216,7 @@ class RunResult:
             "wall_over_forward": round(self.wall_s / self.forward_s, 4)
             if self.forward_s > 0
             else None,
+            "phases_s": {k: round(v, 4) for k, v in self.phases.items()},
         }
 
 
@@ -243,7 +311,6 @@ def run_annotation(
     total = sum(r.id not in present for b in todo for r in b.rows)
     annotated = dict.fromkeys(cfg.splits, 0)
     skipped: list[dict[str, str]] = []
-    forward_s = 0.0
     result = RunResult(
         cache_path, shard, planned, before, annotated, skipped, 0.0, 0.0, str(device), meta
     )
@@ -252,18 +319,23 @@ def run_annotation(
         return result
 
     annotator.to(device)
-    amp = cfg.amp and device.type == "cuda"
+    pipe = _Pipeline(annotator, vocab, device, cfg.amp and device.type == "cuda")
     loader = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="annotate-load")
-    saver = ThreadPoolExecutor(1, thread_name_prefix="annotate-write")
+    saver = ThreadPoolExecutor(writer_threads(), thread_name_prefix="annotate-write")
     loads: deque[Future[Loaded]] = deque()
     writes: deque[Future[None]] = deque()
     queue = deque(todo)
     depth = max(2, 2 * cfg.workers)
+    pin = pipe.cuda
     done = 0
 
     def fill() -> None:
         while queue and len(loads) < depth:
-            loads.append(loader.submit(load_batch, manifest, queue.popleft(), cfg.input_size))
+            loads.append(
+                loader.submit(
+                    load_batch, manifest, queue.popleft(), cfg.input_size, pin, pipe.phases
+                )
+            )
 
     try:
         fill()
@@ -282,26 +354,19 @@ def run_annotation(
                 if bad["id"] not in present:
                     skipped.append(bad)
                     done += 1  # counted as handled for the progress bar
-            for rows, scores in _forward(annotator, vocab, item.images, device, amp):
-                forward_s += scores[1]
-                for row, s in zip(rows, scores[0], strict=True):
+            storage = storage_for(meta, topk=item.batch.split == "unlabeled")
+            for group in item.groups:
+                flight = pipe.step(group, storage)
+                for j, row in enumerate(group.rows):
                     if row.id in present:
                         continue
-                    writes.append(
-                        saver.submit(
-                            writer.write,
-                            row.id,
-                            s,
-                            row.height,
-                            row.width,
-                            topk=row.split == "unlabeled",
-                        )
-                    )
+                    writes.append(saver.submit(_store, writer, flight, j, pipe.phases))
                     present.add(row.id)
                     annotated[row.split] += 1
                     done += 1
             while len(writes) > 2 * cfg.batch_size:
                 writes.popleft().result()
+            pipe.collect_device_times(wait=False)
             if on_progress:
                 on_progress(done, total, len(loads))
         while writes:
@@ -309,39 +374,133 @@ def run_annotation(
     finally:
         loader.shutdown(wait=True, cancel_futures=True)
         saver.shutdown(wait=True)
-    result.forward_s = forward_s
+    pipe.collect_device_times()
+    result.forward_s = pipe.forward_s
+    result.phases = dict(pipe.phases.seconds)
     result.wall_s = time.perf_counter() - t0
     return result
 
 
-def _forward(
-    annotator: Annotator,
-    vocab: Vocabulary,
-    images: list[tuple[Row, np.ndarray]],
-    device: Any,
-    amp: bool,
-) -> list[tuple[list[Row], tuple[np.ndarray, float]]]:
-    """Run the model on equal-sized runs of a batch (in order).
+def writer_threads() -> int:
+    """Writer threads: half the CPU cores, 2 to 8 (compression releases the GIL)."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
 
-    Returns:
-        [(rows, (float32 scores (b, K, h, w) in dataset classes, seconds)), ...].
+
+@dataclass
+class InFlight:
+    """A group on its way to the writers.
+
+    On CUDA ``arrays`` are the stored arrays (b, ...) (or float32 probabilities, for image
+    resolution) in pinned host memory, complete once ``ready`` (a CUDA event recorded after
+    their copies) has passed. On a CPU they are the dataset scores {"scores": (b, K, h, w)},
+    post-processed image by image in the writer threads.
     """
-    import torch
 
-    groups: dict[tuple[int, ...], list[tuple[Row, np.ndarray]]] = {}
-    for row, img in images:
-        groups.setdefault(img.shape, []).append((row, img))
-    out = []
-    for members in groups.values():
-        t = time.perf_counter()
-        x = torch.from_numpy(np.stack([img for _, img in members])).permute(0, 3, 1, 2)
-        x = x.to(device, non_blocking=True)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-            s = annotator.predict(x)
-            s = vocab.apply(s.float(), annotator.normalization)
-        arr = s.float().cpu().numpy()
-        out.append(([r for r, _ in members], (arr, time.perf_counter() - t)))
-    return out
+    rows: list[Row]
+    arrays: dict[str, Any]
+    storage: Storage
+    ready: Any = None
+
+
+class _Pipeline:
+    """The model's side of a run: copy in, forward, vocabulary, and on CUDA post-processing
+    and the copies out."""
+
+    def __init__(self, annotator: Annotator, vocab: Vocabulary, device: Any, amp: bool):
+        import torch
+
+        self.annotator, self.vocab, self.device, self.amp = annotator, vocab, device, amp
+        # the GPU path (pinned memory, events, post-processing there) once the annotator is on
+        # the GPU; a device named cuda whose tensors stay on the host (a test double) takes
+        # the host path
+        self.cuda = device.type == "cuda" and torch.cuda.is_initialized()
+        self.phases = Phases()
+        self.forward_s = 0.0
+        self._events: list[list[Any]] = []  # CUDA: per group, events around its 4 phases
+
+    def step(self, group: Group, storage: Storage) -> InFlight:
+        """Start one group; on CUDA this returns before the device is done with it.
+
+        On CUDA the copy in reads pinned memory and the copies out write into freshly
+        allocated pinned memory, both ``non_blocking``: they queue on the current stream
+        around the forward pass and the post-processing, and the host goes on with the next
+        batch. PyTorch's pinned allocator keeps a block in use until the copies queued on it
+        have run; a writer reads an image only after the group's event has passed.
+        """
+        import torch
+
+        with torch.cuda.device(self.device) if self.cuda else contextlib.nullcontext():
+            return self._step(group, storage)
+
+    def _step(self, group: Group, storage: Storage) -> InFlight:
+        import torch
+
+        marks = [self._mark()]
+        x = group.images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        marks.append(self._mark())
+        with torch.inference_mode():
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                s = self.annotator.predict(x)
+            marks.append(self._mark())
+            s = self.vocab.apply(s.float(), self.annotator.normalization)
+            if not self.cuda:
+                self.phases.add("h2d", marks[1] - marks[0])
+                self.phases.add("forward", marks[2] - marks[1])
+                self.forward_s += marks[2] - marks[1]
+                return InFlight(group.rows, {"scores": s.cpu()}, storage)
+            from annotate.postprocess import device_arrays
+
+            out = device_arrays(s, storage)
+            marks.append(self._mark())
+            host = {n: torch.empty(a.shape, dtype=a.dtype, pin_memory=True) for n, a in out.items()}
+            for n, a in out.items():
+                host[n].copy_(a, non_blocking=True)
+            marks.append(self._mark())
+        self._events.append(marks)
+        return InFlight(group.rows, host, storage, ready=marks[-1])
+
+    def _mark(self) -> Any:
+        """A CUDA event recorded now on the device's current stream, or the host clock."""
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def collect_device_times(self, wait: bool = True) -> None:
+        """Add the CUDA event times of the groups the device has finished (``wait``: of all,
+        waiting for them), oldest first."""
+        while self._events and (wait or self._events[0][-1].query()):
+            marks = self._events.pop(0)
+            marks[-1].synchronize()
+            pairs = zip(("h2d", "forward", "post", "d2h"), marks[:-1], marks[1:], strict=True)
+            for name, a, b in pairs:
+                self.phases.add(name, a.elapsed_time(b) / 1000.0)
+            self.forward_s += marks[1].elapsed_time(marks[2]) / 1000.0
+
+
+def _store(writer: CacheWriter, flight: InFlight, j: int, phases: Phases) -> None:
+    """Write image ``j`` of a group (in a writer thread): on CUDA wait for its copies and
+    finish it (image resolution only), on a CPU post-process it; then compress and write
+    it atomically."""
+    row, st = flight.rows[j], flight.storage
+    if flight.ready is not None:
+        flight.ready.synchronize()
+        t0 = time.perf_counter()
+        mine = {n: a[j].numpy() for n, a in flight.arrays.items()}
+        arrays = finish_image(mine, st, row.height, row.width)
+    else:
+        t0 = time.perf_counter()
+        arrays = encode_image(flight.arrays["scores"][j].numpy(), st, row.height, row.width)
+    t1 = time.perf_counter()
+    files = encode_group(arrays, image_attrs(row.id, row.height, row.width, st.mode))
+    t2 = time.perf_counter()
+    writer.write_files(row.id, files)
+    phases.add("post", t1 - t0)
+    phases.add("encode", t2 - t1)
+    phases.add("write", time.perf_counter() - t2)
 
 
 def _shard_task(

@@ -75,7 +75,8 @@ def make_dataset(
 
 
 def write_config(path: Path, run_dir: Path, **train: object) -> Path:
-    """A run config with a tiny, fast [train] section; ``train`` overrides keys."""
+    """A run config with a tiny, fast [train] section; ``train`` overrides keys (None
+    leaves a key out)."""
     keys: dict[str, object] = {
         "arch": "deeplabv3plus_effl0",
         "pretrained": False,
@@ -104,6 +105,29 @@ def write_config(path: Path, run_dir: Path, **train: object) -> Path:
         return repr(v)
 
     lines = [f'run_dir = "{run_dir}"', "seed = 3", "", "[train]"]
-    lines += [f"{k} = {val(v)}" for k, v in keys.items()]
+    lines += [f"{k} = {val(v)}" for k, v in keys.items() if v is not None]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# A tiny MiT encoder, saved the way nvidia/mit-b5 is published: an image-classification
+# checkpoint ("architectures": ["SegformerForImageClassification"], keys segformer.* +
+# classifier.*) whose encoder SegformerForSemanticSegmentation takes (transformers'
+# models/segformer/modeling_segformer.py). MiT-B5 itself: depths [3, 6, 40, 3], hidden sizes
+# [64, 128, 320, 512], heads [1, 2, 5, 8].
+TINY_SEGFORMER = {
+    "depths": [1, 1, 1, 1],
+    "hidden_sizes": [8, 16, 24, 32],
+    "num_attention_heads": [1, 1, 2, 2],
+    "decoder_hidden_size": 16,
+    "num_labels": 10,
+}
+
+
+def save_tiny_mit(folder: Path, seed: int = 0) -> Path:
+    """Write a random tiny MiT classification checkpoint with ``save_pretrained``."""
+    from transformers import SegformerConfig, SegformerForImageClassification
+
+    torch.manual_seed(seed)
+    SegformerForImageClassification(SegformerConfig(**TINY_SEGFORMER)).save_pretrained(folder)
+    return folder

@@ -52,9 +52,9 @@ def setup(tmp_path):
 
 
 def _cfg(model, **kw) -> AnnotateConfig:
-    return AnnotateConfig(
-        annotator="torch", model=str(model), batch_size=kw.pop("batch_size", 2), device="cpu", **kw
-    )
+    kw.setdefault("batch_size", 2)
+    kw.setdefault("device", "cpu")
+    return AnnotateConfig(annotator="torch", model=str(model), **kw)
 
 
 def test_round_trip_probs_equal_model_output(setup):
@@ -242,7 +242,8 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
         p = _cli(["run", "--config", str(conf), "--no-progress"])
         deadline = time.time() + 120
         while time.time() < deadline and p.poll() is None:
-            if images.is_dir() and sum(1 for _ in images.iterdir()) >= target:
+            # finished images (several writer threads may hold temporaries at once)
+            if images.is_dir() and sum(n.startswith("im-") for n in os.listdir(images)) >= target:
                 break
             time.sleep(0.002)
         p.send_signal(signal.SIGKILL)
@@ -487,3 +488,142 @@ def test_topk_encode_is_a_stable_sort_and_decode_keeps_the_order(k):
     np.testing.assert_array_equal(dec.argmax(axis=0), p.argmax(axis=0))
     np.testing.assert_allclose(dec.sum(axis=0), 1.0, atol=1e-3)
     np.testing.assert_allclose(np.take_along_axis(dec, ref, 0), prob.astype(np.float32), atol=1e-6)
+
+
+def _as_schema_1(cache_path: Path) -> None:
+    """Rewrite a cache's root metadata as an earlier version wrote it (schema 1)."""
+    meta = json.loads((cache_path / "zarr.json").read_text())
+    meta["attributes"]["schema"] = 1
+    (cache_path / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_schema_1_caches_are_read_but_not_extended(setup):
+    tmp, man, model = setup
+    m = data_manifest.load(man)
+    run_annotation(_cfg(model, splits=("labeled", "unlabeled")), m, tmp / "c.zarr")
+    _as_schema_1(tmp / "c.zarr")
+    before = tree_bytes(tmp / "c.zarr")
+    old = open_cache(tmp / "c.zarr")
+    assert old.meta.schema == 1 and len(old) == 8
+    row = m.split("labeled")[0]
+    ref = softmax(reference_logits(model, m.read_image(row), META["mean"], META["std"]))
+    np.testing.assert_allclose(old.probs(row.id), ref, atol=4e-3)
+    assert old.probs(m.split("unlabeled")[0].id).shape == (3, 20, 28)
+    with pytest.raises(UserError) as exc:
+        run_annotation(_cfg(model), m, tmp / "c.zarr")
+    msg = str(exc.value)
+    assert "c.zarr: cache schema is 1, written by an earlier version; this version reads" in msg
+    assert "use a new cache path" in msg and "\n" not in msg
+    assert tree_bytes(tmp / "c.zarr") == before  # nothing added, nothing damaged
+
+
+def test_cpu_run_stores_what_schema_1_stored(setup):
+    """The arrays of a CPU run are schema 1's numpy computation on the model's batched output
+    (made contiguous), bit for bit: probabilities, a stable sort, float16."""
+    import torch
+
+    from annotate.annotators import build_annotator
+
+    tmp, man, model = setup
+    m = data_manifest.load(man)
+    cfg = _cfg(model, batch_size=3, topk=2)
+    run_annotation(cfg, m, tmp / "c.zarr")
+    cache = open_cache(tmp / "c.zarr")
+    ann = build_annotator(cfg, m)
+    for b in plan_batches(m, cfg.splits, cfg.batch_size):
+        x = torch.from_numpy(np.stack([m.read_image(r) for r in b.rows])).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            scores = ann.predict(x).float().numpy()
+        for row, s in zip(b.rows, scores, strict=True):
+            if row.split == "unlabeled":
+                c = np.ascontiguousarray(s)  # schema 1's formula
+                p = np.exp(c - c.max(axis=0)) / np.exp(c - c.max(axis=0)).sum(axis=0)
+                order = np.argsort(-p, axis=0, kind="stable")[:2]
+                want = {
+                    "topk_index": order.astype(np.uint8),
+                    "topk_prob": np.take_along_axis(p, order, 0).astype(np.float16),
+                }
+            else:
+                want = {"scores": s.astype(np.float16)}
+            got = cache.stored(row.id)
+            assert got.keys() == want.keys()
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_unknown_schema_is_refused_in_one_line(setup):
+    tmp, man, model = setup
+    m = data_manifest.load(man)
+    run_annotation(_cfg(model, splits=("val",)), m, tmp / "c.zarr")
+    meta = json.loads((tmp / "c.zarr" / "zarr.json").read_text())
+    meta["attributes"]["schema"] = 9
+    (tmp / "c.zarr" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        UserError, match=r"c\.zarr: cache schema is 9; this version reads schemas 1, 2$"
+    ):
+        open_cache(tmp / "c.zarr")
+
+
+def test_report_says_where_the_time_goes(setup):
+    tmp, man, model = setup
+    m = data_manifest.load(man)
+    res = run_annotation(_cfg(model), m, tmp / "c.zarr")
+    phases = res.report()["phases_s"]
+    assert list(phases) == ["decode", "h2d", "forward", "post", "d2h", "encode", "write"]
+    assert all(v >= 0 for v in phases.values())
+    assert phases["decode"] > 0 and phases["post"] > 0 and phases["encode"] > 0
+    assert phases["write"] > 0 and phases["d2h"] == 0  # nothing to copy on a CPU
+    assert res.forward_s == pytest.approx(res.phases["forward"])
+
+
+# -- CUDA: pinned memory, non-blocking copies, post-processing on the device ------------------
+
+CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_run_is_resumable_byte_identical_and_close_to_the_cpu(tmp_path):
+    from annotate.run import load_batch
+
+    man = make_dataset(tmp_path / "ds", 4, 9, 2, size=(375, 500))  # VOC size, one size
+    model = save_torchscript(tmp_path / "m.pt", num_classes=3, meta=META)
+    m = data_manifest.load(man)
+    cuda = _cfg(model, batch_size=4, device="cuda", topk=2)
+    res = run_annotation(cuda, m, tmp_path / "gpu.zarr")
+    assert res.device.startswith("cuda") and res.phases["d2h"] > 0 and res.forward_s > 0
+    run_annotation(cuda, m, tmp_path / "again.zarr")
+    assert tree_bytes(tmp_path / "gpu.zarr") == tree_bytes(tmp_path / "again.zarr")
+    part = _cfg(model, batch_size=4, device="cuda", topk=2, splits=("unlabeled",))
+    run_annotation(part, m, tmp_path / "part.zarr")
+    run_annotation(cuda, m, tmp_path / "part.zarr")
+    assert tree_bytes(tmp_path / "gpu.zarr") == tree_bytes(tmp_path / "part.zarr")
+    run_annotation(_cfg(model, batch_size=4, topk=2), m, tmp_path / "cpu.zarr")
+    gpu, cpu = open_cache(tmp_path / "gpu.zarr"), open_cache(tmp_path / "cpu.zarr")
+    for row in m.rows:
+        np.testing.assert_allclose(gpu.probs(row.id), cpu.probs(row.id), atol=3e-3)
+        if row.split == "unlabeled":
+            same = gpu.stored(row.id)["topk_index"] == cpu.stored(row.id)["topk_index"]
+            assert same.mean() > 0.999
+    loaded = load_batch(m, plan_batches(m, ("val",), 2)[0], (), pin=True)
+    assert all(g.images.is_pinned() for g in loaded.groups)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_with_amp_and_image_resolution(tmp_path):
+    man = make_dataset(tmp_path / "ds", 2, 4, 1, size=(60, 90))
+    model = save_torchscript(tmp_path / "m.pt", stride=2, meta=META)
+    m = data_manifest.load(man)
+    cfg = _cfg(model, device="cuda", amp=True, resolution="image", topk=1)
+    run_annotation(cfg, m, tmp_path / "c.zarr")
+    cache = open_cache(tmp_path / "c.zarr")
+    for row in m.rows:
+        logits = reference_logits(model, m.read_image(row), META["mean"], META["std"])
+        ref = resize_chw(softmax(logits), row.height, row.width)
+        got = cache.stored(row.id)
+        if row.split == "unlabeled":
+            assert got["topk_index"].shape == (1, 60, 90)
+            assert (got["topk_index"][0] == ref.argmax(0)).mean() > 0.99  # float16 autocast
+        else:
+            np.testing.assert_allclose(cache.probs(row.id), ref, atol=2e-2)

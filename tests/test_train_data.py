@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from _train_fixtures import PALETTE, make_dataset
+from PIL import Image
 
 from data_manifest.errors import UserError
 from data_manifest.io import encode_label_png
-from data_manifest.manifest import load
+from data_manifest.manifest import Manifest, Meta, Row, load
 from train.config import TrainConfig
 from train.data import (
     STREAM_UNLABELED,
@@ -21,8 +22,9 @@ from train.data import (
     check_labels,
     make_joint_loader,
 )
-from train.engine import cutmix, lambda_at, make_plan, masked_ce, poly_factor
+from train.losses import cutmix, masked_ce
 from train.metrics import confusion, iou_per_class, summarize
+from train.schedule import lambda_at, make_plan, poly_factor, unlabeled_weight
 
 
 def test_sampler_positions_do_not_depend_on_world_size():
@@ -182,3 +184,74 @@ def test_confusion_and_iou_against_hand_counts():
     s = summarize(conf, ["a", "b", "c", "d"])
     assert s["miou"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 3) / 3)
     assert s["acc"] == pytest.approx(4 / 7) and s["iou"]["d"] is None
+
+
+def test_weak_strong_threshold_defaults_to_unimatch_s():
+    assert TrainConfig(stage2_mode="weak_strong").stage2_threshold == 0.95  # conf_thresh
+    assert TrainConfig(stage2_mode="self").stage2_threshold == 0.0
+    assert TrainConfig(stage2_mode="weak_strong", stage2_threshold=0.0).stage2_threshold == 0.0
+    with pytest.raises(ValueError, match=r"stage2_threshold = 1\.0: expected a number in \[0, 1\)"):
+        TrainConfig(stage2_threshold=1.0)
+
+
+def test_labeled_only_baseline_follows_unimatch_supervised_schedule():
+    """VOC classic 1/16: 92 labeled and 10,582 unlabeled images, 8 images per iteration. The
+    semi-supervised run counts epochs over the unlabeled split; the baseline, like UniMatch's
+    supervised.py, over the labeled one: 60 + 20 = 80 epochs of ceil(92 / 8) = 12."""
+    semi = make_plan(TrainConfig(batch_size=8), n_labeled=92, n_unlabeled=10_582)
+    assert semi.iters_per_epoch == 1323 and semi.total == 80 * 1323
+    base = make_plan(TrainConfig(batch_size=8, labeled_only=True), 92, 10_582)
+    assert base.iters_per_epoch == 12 and (base.stage1_iters, base.stage2_iters) == (960, 0)
+    assert base.eval_every == 12  # once per (labeled) epoch, as supervised.py evaluates
+    ddp = make_plan(TrainConfig(batch_size=2, labeled_only=True), 92, 10_582, world=4)
+    assert ddp == base  # 2 per GPU x 4 GPUs is the same schedule
+
+
+def test_loss_weights_sum_to_one_and_meet_at_the_stage_switch():
+    cfg = TrainConfig(length_unit="iters", stage1_length=10, stage2_length=10)
+    plan = make_plan(cfg, 4, 40)
+    lams = [unlabeled_weight(cfg, plan, it) for it in range(plan.total)]
+    assert lams[:10] == [0.5] * 10  # Stage I: the mean of L_s and L_u
+    assert lams[10] == lams[9] and lams[10:] == [lambda_at(t / 10, 0.5, 3.0) for t in range(10)]
+    heavy = TrainConfig(length_unit="iters", stage1_length=2, stage2_length=0, pseudo_weight=3.0)
+    assert unlabeled_weight(heavy, make_plan(heavy, 4, 40), 0) == 0.75  # 3 : 1
+    base = TrainConfig(length_unit="iters", labeled_only=True)
+    assert {unlabeled_weight(base, make_plan(base, 4, 40), it) for it in range(80)} == {0.0}
+
+
+def test_labels_are_resized_centre_aligned_like_the_image(tmp_path):
+    """A column ramp (image value 8·col, label = col) scaled by 1/3: bilinear samples the image
+    at source column 3x + 1 (the destination pixel's centre); the label must come from the same
+    column, not 3x (INTER_NEAREST's half-pixel shift), so label·8 equals the image."""
+    w = 30
+    img = np.repeat((np.arange(w) * 8).astype(np.uint8)[None, :, None], w, 0).repeat(3, 2)
+    lab = np.repeat(np.arange(w, dtype=np.uint8)[None], w, 0)
+    Image.fromarray(img).save(tmp_path / "i.png")
+    Image.fromarray(lab).save(tmp_path / "l.png")
+    meta = Meta(
+        dataset="ramp",
+        classes=[f"c{i}" for i in range(w)],
+        palette=[[i, i, i] for i in range(w)],
+        background_index=0,
+    )
+    Manifest(meta=meta, rows=[Row("a", "i.png", "l.png", "labeled", w, w)]).save(tmp_path / "m")
+    m = load(tmp_path / "m")
+    ds = SegDataset(m, m.split("labeled"), "gt", Augment(10, 1 / 3, 1 / 3), 0, 0)
+    for position in range(4):  # flipped or not, label and image stay aligned
+        item = ds[(0, position)]
+        assert torch.equal(item["label"] * 8, item["image"][0].long())
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizer_has_backbone_and_head_groups(name):
+    from train.models import build_model
+    from train.trainer import make_optimizer
+
+    model = build_model("deeplabv3plus_effl0", 3, pretrained=False)
+    cfg = TrainConfig(optimizer=name, lr=2e-4, head_lr_mult=10.0, weight_decay=0.01)
+    opt = make_optimizer(cfg, model)
+    assert type(opt) is {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[name]
+    backbone, head = opt.param_groups
+    assert (backbone["base_lr"], head["base_lr"]) == (2e-4, pytest.approx(2e-3))
+    assert {id(p) for p in head["params"]} == {id(p) for p in model.head_parameters()}
+    assert backbone["weight_decay"] == head["weight_decay"] == 0.01

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_fixtures import CLASSES, PALETTE, SUBPROCESS_ENV, TINY_MODEL, make_dataset, write_config
+from _train_fixtures import (
+    CLASSES,
+    PALETTE,
+    SUBPROCESS_ENV,
+    TINY_MODEL,
+    make_dataset,
+    save_tiny_mit,
+    write_config,
+)
 from typer.testing import CliRunner
 
 from data_manifest.io import encode_label_png, read_label_png
@@ -22,9 +30,9 @@ from data_manifest.manifest import load
 from train import data as tdata
 from train.cli import app
 from train.config import TrainConfig
-from train.engine import _step_loss, lambda_at
 from train.inference import load_checkpoint_model
-from train.models import build_model
+from train.schedule import lambda_at
+from train.trainer import Trainer
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,49 +79,39 @@ def fitted(tiny):
     return base / "run" / "train", sources, result.output
 
 
-def test_a_few_real_steps_reduce_the_loss(tiny):
+def _tiny_config(**train: object) -> TrainConfig:
+    """A [train] section for in-process runs on the tiny dataset: 32-px crops, 2 + 2 images
+    per step, iterations as the unit, CPU, no loader workers."""
+    keys: dict = dict(crop=32, batch_size=2, lr=0.01, workers=0, device="cpu", length_unit="iters")
+    return TrainConfig(**{**keys, **train})
+
+
+def test_a_few_real_steps_reduce_the_loss(tiny, tmp_path):
     base, manifest_path = tiny
-    m = load(manifest_path)
-    cfg = TrainConfig(arch="deeplabv3plus_effl0", crop=32, batch_size=2, lr=0.01)
-    weak = tdata.Augment(32, 0.75, 1.25)
-    streams = [
-        tdata.SegDataset(m, m.split("labeled"), "gt", weak, 0, 0),
-        tdata.SegDataset(
-            m, m.split("unlabeled"), "pseudo", weak, 0, 1, base / "run" / "pseudo" / "cp"
-        ),
-    ]
-    lb, ub = next(iter(tdata.make_joint_loader(streams, 2, 0, 1, 1, 0, 1, 0)))
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus_effl0", 3, pretrained=False, **TINY_MODEL).train()
-    opt = torch.optim.SGD(
-        [
-            {"params": model.backbone_parameters(), "lr": 0.01},
-            {"params": model.head_parameters(), "lr": 0.1},
-        ],
-        momentum=0.9,
+    cfg = _tiny_config(
+        arch="deeplabv3plus_effl0",
+        pretrained=False,
+        model_kwargs=TINY_MODEL,
+        scale_min=0.75,
+        scale_max=1.25,
+        stage1_length=100,
+        stage2=False,
     )
+    trainer = Trainer(
+        cfg,
+        load(manifest_path),
+        out=tmp_path / "run",
+        pseudo_dir=base / "run" / "pseudo" / "cp",
+        seed=0,
+        show_progress=False,
+    )
+    batch = next(iter(trainer.loader(1, 0, 1)))
     losses = []
     for _ in range(6):
-        opt.zero_grad()
-        loss, l_s, l_u = _step_loss(
-            1,
-            model,
-            model,
-            lb,
-            ub,
-            cfg,
-            0.0,
-            torch.device("cpu"),
-            (0.5,) * 3,
-            (0.5,) * 3,
-            torch.contiguous_format,
-            torch.autocast("cpu", enabled=False),
-            torch.Generator(),
-        )
-        torch.testing.assert_close(loss, l_s + l_u)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+        record = trainer.train_step(0, iter([batch]))  # the same batch, the first lr
+        # Stage I: the mean of the supervised and the pseudo-label loss (pseudo_weight 1)
+        assert record["loss"] == pytest.approx(0.5 * (record["loss_s"] + record["loss_u"]))
+        losses.append(record["loss"])
     assert losses[-1] < 0.6 * losses[0], losses
 
 
@@ -125,21 +123,19 @@ def test_stage_one_then_two(fitted):
     assert [r["iter"] for r in train] == [1, 2, 3, 4, 5]
     # Stage I reads GT + pseudo PNGs, Stage II GT + unlabeled images without PNGs
     assert sources == [("gt", 4), ("pseudo", 6), ("gt", 4), ("none", 6)]
+    # L = (1 - λ)·L_s + λ·L_u throughout: Stage I's λ is 1/2 (pseudo_weight 1), Stage II's
+    # λ(t) starts at lambda0 = 1/2, so the loss neither halves nor jumps at the switch
     assert [r["lambda"] for r in train] == [
-        0.0,
-        0.0,
-        0.0,
+        0.5,
+        0.5,
+        0.5,
         lambda_at(0.0, 0.5, 3.0),
         lambda_at(0.5, 0.5, 3.0),
     ]
+    assert train[2]["lambda"] == train[3]["lambda"]
     for r in train:
         lam = r["lambda"]
-        expected = (
-            r["loss_s"] + r["loss_u"]
-            if r["stage"] == 1
-            else (1 - lam) * r["loss_s"] + lam * r["loss_u"]
-        )
-        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert r["loss"] == pytest.approx((1 - lam) * r["loss_s"] + lam * r["loss_u"], rel=1e-5)
         assert r["loss_u"] > 0
     evals = [r for r in recs if r["type"] == "eval"]
     assert [e["iter"] for e in evals] == [3, 5]  # end of each stage
@@ -203,6 +199,96 @@ def test_no_stage2_and_labeled_only(tiny, tmp_path):
         2,
         2,
     ]
+
+
+@pytest.mark.slow
+def test_segformer_trains_end_to_end_through_the_command_line(tiny, tmp_path):
+    """arch = "segformer" from a save_pretrained folder (a tiny random MiT, as nvidia/mit-b5 is
+    published), Stage I + Stage II by `python -m train fit`; the checkpoints load without it."""
+    base, manifest = tiny
+    folder = save_tiny_mit(tmp_path / "mit-tiny")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        arch="segformer",
+        pretrained=True,
+        backbone_weights=str(folder),
+        model_kwargs=None,
+        stage1_length=2,
+        stage2_length=2,
+        eval_every=4,
+        stage2_mode="weak_strong",
+    )
+    out = tmp_path / "segformer"
+    env = {**os.environ, **SUBPROCESS_ENV}
+    r = subprocess.run(
+        _cmd(cfg, manifest, "--out", str(out)), env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    train = [x for x in _metrics(out) if x["type"] == "train"]
+    assert [x["stage"] for x in train] == [1, 1, 2, 2]
+    assert all(np.isfinite(x["loss"]) and x["loss_s"] > 0 for x in train)
+    final = json.loads((out / "final.json").read_text())
+    assert final["classes"] == CLASSES and 0 <= final["miou"] <= 1
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    model, info = load_checkpoint_model(out / "best.pt")
+    assert info["arch"] == "segformer" and info["mean"] == [0.485, 0.456, 0.406]
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 32, 48)).shape == (1, 3, 32, 48)
+
+
+def test_segformer_resumes_exactly_despite_dropout_and_drop_path(tiny, tmp_path):
+    """SegFormer trains with dropout and drop path (torch's generator): a run cut short in
+    Stage II and resumed ends with the bytes of an uninterrupted run."""
+    base, manifest = tiny
+    folder = save_tiny_mit(tmp_path / "mit-tiny")
+    cfg = _tiny_config(
+        arch="segformer",
+        backbone_weights=str(folder),
+        stage1_length=2,
+        stage2_length=2,
+        save_every=1,
+    )
+    m = load(manifest)
+    kw = dict(pseudo_dir=base / "run" / "pseudo" / "cp", seed=3, show_progress=False)
+    Trainer(cfg, m, out=tmp_path / "a", **kw).fit()
+    cut = Trainer(cfg, m, out=tmp_path / "b", **kw)
+    cut.restore(resume=False)
+    cut.train_stage(1, 0, 2)
+    cut.train_stage(2, 2, 3)  # stopped here, as by a kill after latest.pt at iteration 3
+    cut.folder.close()
+    assert torch.load(tmp_path / "b" / "latest.pt", weights_only=True)["info"]["iteration"] == 3
+    Trainer(cfg, m, out=tmp_path / "b", **kw).fit(resume=True)
+    for name in ("metrics.jsonl", "final.json", "best.pt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_segformer_configuration_errors_are_one_line(tiny, tmp_path, monkeypatch):
+    base, manifest = tiny
+    cfg = write_config(
+        tmp_path / "c.toml",
+        base / "run",
+        arch="segformer",
+        pretrained=True,
+        backbone_weights=str(tmp_path / "mit-b5"),
+        model_kwargs=None,
+    )
+    r = _fit(cfg, manifest)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    assert (
+        "[train] backbone_weights = '" + str(tmp_path / "mit-b5") + "': folder not found; "
+        "expected a folder written by save_pretrained"
+    ) in r.output.replace("\n", "")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # the [hf] extra not installed
+    r = _fit(cfg, manifest)
+    assert r.exit_code == 1
+    assert (
+        "[train] arch = 'segformer': transformers is not installed; expected the [hf] extra"
+        in r.output
+    )
 
 
 def test_bad_inputs_give_one_line(tiny, tmp_path):
@@ -422,8 +508,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
+def _torchrun(nproc: int, cfg: Path, manifest: Path, out: Path, timeout: int = 300):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        *_cmd(cfg, manifest, "--out", str(out))[1:],
+    ]
+    env = {**os.environ, **SUBPROCESS_ENV}
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _check_ddp_run(out: Path, world: int) -> None:
+    recs = _metrics(out)
+    train = [x for x in recs if x["type"] == "train"]
+    assert [x["stage"] for x in train] == [1, 1, 2, 2]
+    assert all(np.isfinite(x["loss"]) for x in train)
+    # rank 0 writes each record once; evaluations at the end of each stage
+    assert [x["iter"] for x in recs if x["type"] == "eval"] == [2, 4]
+    state = torch.load(out / "latest.pt", weights_only=True)["train_state"]
+    assert state["world_size"] == world and state["iteration"] == 4
+    assert json.loads((out / "final.json").read_text())["iterations"] == 4
+
+
+def _outputs(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".png"}
+
+
+def _ddp_run_and_rerun(tiny, tmp_path: Path, world: int, **train: object) -> None:
+    """Train 2 + 2 iterations under torchrun, check the run, then re-run the finished run: every
+    rank restores the last evaluation and returns, changing nothing (rank 1 used to evaluate
+    again alone and wait on rank 0 in a collective)."""
     base, manifest = tiny
     cfg = write_config(
         tmp_path / "c.toml",
@@ -433,41 +554,21 @@ def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
         eval_every=4,
         batch_size=1,
         accum_steps=2,
+        **train,
     )
-    env = {**os.environ, **SUBPROCESS_ENV}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "train",
-        "fit",
-        "--config",
-        str(cfg),
-        "--manifest",
-        str(manifest),
-        "--quiet",
-        "--out",
-        str(tmp_path / "ddp"),
-    ]
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "ddp"
+    r = _torchrun(world, cfg, manifest, out)
     assert r.returncode == 0, r.stderr[-3000:]
-    recs = _metrics(tmp_path / "ddp")
-    train = [x for x in recs if x["type"] == "train"]
-    assert [x["stage"] for x in train] == [1, 1, 2, 2]
-    assert all(np.isfinite(x["loss"]) for x in train)
-    # rank 0 writes each record once; evaluations at the end of each stage
-    assert [x["iter"] for x in recs if x["type"] == "eval"] == [2, 4]
-    state = torch.load(tmp_path / "ddp" / "latest.pt", weights_only=True)["train_state"]
-    assert state["world_size"] == 2 and state["iteration"] == 4
-    final = json.loads((tmp_path / "ddp" / "final.json").read_text())
-    assert final["iterations"] == 4
+    _check_ddp_run(out, world=world)
+    before = _outputs(out)
+    r = _torchrun(world, cfg, manifest, out, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _outputs(out) == before
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
+    _ddp_run_and_rerun(tiny, tmp_path, world=2)
 
 
 def test_resume_refuses_changed_pseudo_labels(tiny, tmp_path):
@@ -487,20 +588,42 @@ def test_resume_refuses_changed_pseudo_labels(tiny, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path):
+@pytest.mark.parametrize("arch", ["deeplabv3plus_effl0", "segformer"])
+def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path, arch):
+    """Stage I + Stage II on CUDA: float16 autocast, gradient scaling, channels_last."""
     base, manifest = tiny
+    model_keys: dict = {}
+    if arch == "segformer":
+        folder = save_tiny_mit(tmp_path / "mit-tiny")
+        model_keys = dict(pretrained=True, backbone_weights=str(folder), model_kwargs=None)
     cfg = write_config(
         tmp_path / "c.toml",
         base / "run",
+        arch=arch,
         stage1_length=2,
         stage2_length=2,
         stage2_mode="weak_strong",
         device="cuda",
         workers=1,
+        **model_keys,
     )
     r = _fit(cfg, manifest, "--out", str(tmp_path / "gpu"))
     assert r.exit_code == 0, r.output
     train = [x for x in _metrics(tmp_path / "gpu") if x["type"] == "train"]
-    assert len(train) == 4 and all(np.isfinite(x["loss"]) for x in train)
+    assert [x["stage"] for x in train] == [1, 1, 2, 2]
+    assert all(np.isfinite(x["loss"]) for x in train)
     model, _ = load_checkpoint_model(tmp_path / "gpu" / "best.pt", map_location="cuda")
     assert next(model.parameters()).is_cuda
+    state = torch.load(tmp_path / "gpu" / "latest.pt", weights_only=True)["train_state"]
+    assert state["scaler"]["scale"] > 0  # float16 autocast with gradient scaling ran
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ddp_on_cuda_through_nccl(tiny, tmp_path):
+    """torchrun on the GPUs there are (two, or one: NCCL refuses two ranks on one GPU), the
+    code path of a multi-GPU run: process group cpu:gloo,cuda:nccl, DDP, SyncBatchNorm, AMP."""
+    world = min(2, torch.cuda.device_count())
+    _ddp_run_and_rerun(
+        tiny, tmp_path, world=world, stage2_mode="weak_strong", device="cuda", workers=1
+    )

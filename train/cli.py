@@ -1,4 +1,7 @@
-"""``python -m train``: fit, evaluate, predict, export-splits."""
+"""``python -m train``: fit, evaluate, predict, export-splits.
+
+Each command's parameters are its command-line options (Typer), hence more than eight.
+"""
 
 from __future__ import annotations
 
@@ -116,7 +119,7 @@ def fit(
         "data": data,
         "train": {**section_dict(tcfg), "out": str(out_dir), "pseudo_dir": str(pdir)},
     }
-    from train.engine import fit as run_fit
+    from train.trainer import fit as run_fit
 
     try:
         run_fit(
@@ -206,7 +209,7 @@ def evaluate(
     import torch
 
     from data_manifest.io import atomic_write_json
-    from train.engine import evaluate_rows, print_iou_table
+    from train.evaluation import EvalSettings, evaluate_rows, print_iou_table
     from train.metrics import summarize
 
     _check_inference_options(split, mode, crop, stride, device)
@@ -222,9 +225,8 @@ def evaluate(
             f"{m.path}: split {split!r} has {problem}; expected a labeled split such as 'val'"
         )
     dev = next(model.parameters()).device
-    conf = evaluate_rows(
-        model, m, rows, info["mean"], info["std"], mode, crop, stride, torch.device(dev)
-    )
+    settings = EvalSettings(info["mean"], info["std"], mode, crop, stride)
+    conf = evaluate_rows(model, m, rows, settings, torch.device(dev))
     summary = summarize(conf, m.classes)
     print_iou_table(f"{checkpoint} on {split} ({len(rows)} images, {mode})", summary)
     if out is not None:

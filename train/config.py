@@ -2,10 +2,11 @@
 
 Defaults follow UniMatch's DeepLabV3+ recipe for PASCAL VOC (SGD, lr 0.001, 10x on the head,
 momentum 0.9, weight decay 1e-4, poly power 0.9, crop 321, scale 0.5-2.0, confidence 0.95 for
-the weak/strong variant) and the paper's schedule (60 epochs Stage I + 20 epochs Stage II on
-VOC). The Stage II weight schedule λ(t) = lambda0 · exp(−lambda_decay · t), the pseudo-label
-weight, the per-stage batch composition and the evaluation cadence are this project's choices;
-the paper does not give them.
+the weak/strong variant), which AllSpark's SegFormer MiT-B5 runs share (its
+``train_allspark.py`` and ``configs/pascal_allspark.yaml``: the same SGD recipe, crop 513), and
+the paper's schedule (60 epochs Stage I + 20 epochs Stage II on VOC). The Stage II weight
+schedule λ(t) = lambda0 · exp(−lambda_decay · t), the pseudo-label weight, the per-stage batch
+composition and the evaluation cadence are this project's choices; the paper does not give them.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from train.models import BUILDERS
+
+# stage2_threshold when unset: UniMatch's conf_thresh for the weak/strong variant, none for "self".
+DEFAULT_THRESHOLD = {"weak_strong": 0.95, "self": 0.0}
 
 
 @dataclass
@@ -26,13 +30,13 @@ class TrainConfig:
     arch: str = "deeplabv3plus_r101"
     pretrained: bool = True
     backbone_weights: str = ""
-    model_kwargs: dict[str, int] | None = None
+    model_kwargs: dict[str, int | str] | None = None
     length_unit: Literal["epochs", "iters"] = "epochs"
     stage1_length: int = 60
     stage2: bool = True
     stage2_length: int = 20
     stage2_mode: Literal["self", "weak_strong"] = "self"
-    stage2_threshold: float = 0.0
+    stage2_threshold: float | None = None
     lambda0: float = 0.5
     lambda_decay: float = 3.0
     pseudo_weight: float = 1.0
@@ -42,6 +46,7 @@ class TrainConfig:
     scale_min: float = 0.5
     scale_max: float = 2.0
     cutmix_prob: float = 0.5
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.001
     head_lr_mult: float = 10.0
     momentum: float = 0.9
@@ -86,6 +91,8 @@ class TrainConfig:
                 "stage1_length + stage2_length = 0: expected a run of at least "
                 "one epoch or iteration"
             )
+        if self.stage2_threshold is None:
+            self.stage2_threshold = DEFAULT_THRESHOLD.get(self.stage2_mode, 0.0)
         if not 0.0 <= self.stage2_threshold < 1.0:
             raise ValueError(
                 f"stage2_threshold = {self.stage2_threshold}: expected a number in [0, 1)"

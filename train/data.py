@@ -20,9 +20,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from calibrate.folder import check_complete
 from data_manifest.errors import UserError
 from data_manifest.io import read_label_png
 from data_manifest.manifest import Manifest, Row
+from train.config import TrainConfig
 
 STREAM_LABELED = 0
 STREAM_UNLABELED = 1
@@ -93,6 +95,33 @@ def check_labels(
                 )
 
 
+def check_inputs(cfg: TrainConfig, manifest: Manifest, pseudo_dir: Path) -> None:
+    """Check the splits and labels a run with ``cfg`` reads, before anything is built.
+
+    Every DDP process runs it, so that none waits on a peer that stopped with an error.
+
+    Raises:
+        UserError: an empty split the run needs, or what :func:`check_labels` reports.
+    """
+    labeled, unlabeled = manifest.split("labeled"), manifest.split("unlabeled")
+    if not labeled:
+        raise UserError(f"{manifest.path}: no images in split 'labeled'; expected at least one")
+    if not manifest.split("val"):
+        raise UserError(
+            f"{manifest.path}: no images in split 'val'; expected at least one to evaluate on"
+        )
+    if (cfg.uses_pseudo or cfg.uses_unlabeled) and not unlabeled:
+        raise UserError(
+            f"{manifest.path}: no images in split 'unlabeled'; expected some, or "
+            "[train] labeled_only = true"
+        )
+    check_labels(manifest, labeled, None, cfg.check_labels)
+    check_labels(manifest, manifest.split("val"), None, cfg.check_labels)
+    if cfg.uses_pseudo:
+        check_complete(pseudo_dir, [r.id for r in unlabeled], verify=cfg.check_labels)
+        check_labels(manifest, unlabeled, pseudo_dir, cfg.check_labels)
+
+
 @dataclass(frozen=True)
 class Augment:
     """Augmentation settings. Weak: random scale, pad, crop, horizontal flip. Strong (applied
@@ -110,8 +139,10 @@ def _weak(
     scale = rng.uniform(aug.scale_min, aug.scale_max)
     h, w = label.shape
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    # Both centre-aligned: INTER_NEAREST would take the top-left source pixel, half a pixel off
+    # the image's bilinear samples; INTER_NEAREST_EXACT is PIL's NEAREST (UniMatch's resize).
     image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
+    label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)
     ph, pw = max(aug.crop - nh, 0), max(aug.crop - nw, 0)
     if ph or pw:
         image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
@@ -221,7 +252,8 @@ class StreamSampler(Sampler):
     """Batches of ``(index, position)`` for iterations ``[start, stop)`` of one rank.
 
     Iteration ``it``, accumulation step ``a``, rank ``r`` and slot ``b`` read position
-    ``((it * accum + a) * world + r) * batch + b`` of the stream.
+    ``((it * accum + a) * world + r) * batch + b`` of the stream. (Nine parameters: each is a
+    term of that formula or of the per-epoch permutation's seed.)
     """
 
     def __init__(

@@ -75,6 +75,8 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> nn.Module:
             pretrained=False,
             **dict(info.get("model_kwargs") or {}),
         )
+    except ImportError as exc:  # an optional package the architecture needs ([hf])
+        raise UserError(f"{path}: arch {info['arch']!r}: {exc}") from None
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(
             f"{path}: info describes no model this trainer can build ({type(exc).__name__}: "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +48,8 @@ class DeepLabV3Plus(nn.Module):
 
     The backbone must expose ``low_channels`` and ``high_channels``. Parameters of the backbone
     are ``backbone.*``; everything else is the head (``head_parameters``), which the trainer
-    gives a higher learning rate.
+    gives a higher learning rate. ``align_corners`` is that of both bilinear upsamplings
+    (UniMatch's ``model/semseg/deeplabv3plus.py`` uses True; the EfficientNet-Lite0 demo False).
 
     Forward: float32 (B, 3, H, W) normalised images → logits float32 (B, num_classes, H, W).
     """
@@ -59,9 +62,12 @@ class DeepLabV3Plus(nn.Module):
         low_proj: int = 48,
         decoder_channels: int = 256,
         rates: tuple[int, ...] = (6, 12, 18),
+        align_corners: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
+        self.align_corners = align_corners
+        self.build_kwargs: dict[str, Any] = {}  # set by the builder (see train.models)
         self.aspp = ASPP(backbone.high_channels, aspp_channels, rates)
         self.reduce = _conv_bn_relu(backbone.low_channels, low_proj, 1)
         self.fuse = nn.Sequential(
@@ -75,9 +81,10 @@ class DeepLabV3Plus(nn.Module):
         h, w = x.shape[-2:]
         low, high = self.backbone(x)
         high = self.aspp(high)
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        ac = self.align_corners
+        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=ac)
         out = self.classifier(self.fuse(torch.cat([self.reduce(low), high], dim=1)))
-        return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+        return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=ac)
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters outside the backbone (ASPP, decoder, classifier)."""

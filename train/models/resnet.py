@@ -1,14 +1,30 @@
-"""ResNet-50/101 backbones in torchvision's parameter layout, dilated for segmentation.
+"""Dilated ResNet-50/101 trunks for DeepLabV3+, in UniMatch's and torchvision's weight layouts.
 
-The parameter names match torchvision's ``resnet50``/``resnet101`` state dicts (``conv1``,
-``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``, ...), so the ImageNet weight files that
-users already have load directly (the classifier ``fc`` is ignored).
+Two stems, each matching the parameter names of the ImageNet files that users have:
+
+* ``"deep"`` (ResNet-v1c, UniMatch's ``model/backbone/resnet.py``): three 3×3 convolutions
+  ``conv1.0`` (3→64, stride 2), ``conv1.3`` (64→64), ``conv1.6`` (64→128) with batch norms
+  ``conv1.1`` and ``conv1.4``, then ``bn1`` over 128 channels; ``layer1`` takes 128 channels.
+  UniMatch's ``pretrained/resnet101.pth`` loads into it.
+* ``"torchvision"``: one 7×7 convolution ``conv1`` (3→64, stride 2) and ``bn1``; torchvision's
+  ``resnet50-*.pth`` / ``resnet101-*.pth`` load into it (old files without
+  ``num_batches_tracked`` too).
+
+Dilation follows ``replace_stride_with_dilation`` of torchvision and UniMatch: a dilated stage
+keeps the previous dilation in its first block and dilates the others, so output stride 16 is
+``[False, False, True]`` (layer4: 1, 2, 2) and 8 is ``[False, True, True]`` (layer3: 1, 2, ...;
+layer4: 2, 4, 4). Bottlenecks are v1.5 (the stride sits on the 3×3 convolution).
 """
 
 from __future__ import annotations
 
+import os
+from typing import Literal
+
 import torch
 from torch import nn
+
+Stem = Literal["deep", "torchvision"]
 
 
 class Bottleneck(nn.Module):
@@ -42,12 +58,26 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def _deep_stem() -> nn.Sequential:
+    """UniMatch's v1c stem; indices 2 and 5 are the ReLUs (no parameters), as upstream."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(64, 128, 3, stride=1, padding=1, bias=False),
+    )
+
+
 class ResNet(nn.Module):
     """A dilated ResNet trunk returning (low-level, high-level) features.
 
     Args:
         layers: blocks per stage, (3, 4, 6, 3) for ResNet-50, (3, 4, 23, 3) for ResNet-101.
         output_stride: 16 (layer4 dilated) or 8 (layer3 and layer4 dilated).
+        stem: "deep" (UniMatch's v1c) or "torchvision" (7×7), see the module docstring.
 
     Forward: float32 (B, 3, H, W) → (low (B, 256, H/4, W/4), high (B, 2048, H/os, W/os)).
     """
@@ -55,27 +85,39 @@ class ResNet(nn.Module):
     low_channels = 256
     high_channels = 2048
 
-    def __init__(self, layers: tuple[int, int, int, int], output_stride: int = 16) -> None:
+    def __init__(
+        self, layers: tuple[int, int, int, int], output_stride: int = 16, stem: Stem = "deep"
+    ) -> None:
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride = {output_stride}: expected 8 or 16")
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        if stem not in ("deep", "torchvision"):
+            raise ValueError(f"stem = {stem!r}: expected 'deep' or 'torchvision'")
+        self.stem = stem
+        if stem == "deep":
+            self.conv1: nn.Module = _deep_stem()
+            self.in_ch = 128
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.in_ch = 64
+        self.bn1 = nn.BatchNorm2d(self.in_ch)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        dil3 = 2 if output_stride == 8 else 1
-        dil4 = 4 if output_stride == 8 else 2
-        self.in_ch = 64
-        self.layer1 = self._stage(64, layers[0], 1, 1)
-        self.layer2 = self._stage(128, layers[1], 2, 1)
-        self.layer3 = self._stage(256, layers[2], 1 if dil3 > 1 else 2, dil3)
-        self.layer4 = self._stage(512, layers[3], 1, dil4)
+        self.dilation = 1
+        dilate3 = output_stride == 8
+        self.layer1 = self._stage(64, layers[0], 1, False)
+        self.layer2 = self._stage(128, layers[1], 2, False)
+        self.layer3 = self._stage(256, layers[2], 2, dilate3)
+        self.layer4 = self._stage(512, layers[3], 2, True)
 
-    def _stage(self, width: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
-        mods = []
-        for i in range(blocks):
-            mods.append(Bottleneck(self.in_ch, width, stride if i == 0 else 1, dilation))
-            self.in_ch = width * Bottleneck.expansion
+    def _stage(self, width: int, blocks: int, stride: int, dilate: bool) -> nn.Sequential:
+        previous = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        mods = [Bottleneck(self.in_ch, width, stride, previous)]
+        self.in_ch = width * Bottleneck.expansion
+        mods += [Bottleneck(self.in_ch, width, 1, self.dilation) for _ in range(1, blocks)]
         return nn.Sequential(*mods)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,20 +127,55 @@ class ResNet(nn.Module):
         return low, high
 
 
-def load_torchvision_weights(model: ResNet, path: str) -> None:
-    """Load an ImageNet ResNet state dict in torchvision's layout (``fc.*`` is skipped).
+def read_resnet_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """An ImageNet ResNet state dict from a file, unwrapped: a ``state_dict`` or ``model``
+    entry is taken, ``module.`` prefixes are stripped and the classifier ``fc.*`` dropped.
 
     Raises:
-        ValueError: a backbone key is missing or has another shape (names the first one).
+        ValueError: the file holds no state dict.
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("not a ResNet state dict (expected parameter names → tensors)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def detect_stem(state: dict[str, torch.Tensor]) -> Stem:
+    """ "deep" for UniMatch's v1c layout (``conv1.0.weight``), "torchvision" for a 7×7
+    ``conv1.weight``.
+
+    Raises:
+        ValueError: neither stem's first convolution is in ``state``.
+    """
+    if "conv1.0.weight" in state:
+        return "deep"
+    if "conv1.weight" in state:
+        return "torchvision"
+    raise ValueError(
+        "no stem convolution in the weight file; expected conv1.0.weight (UniMatch's "
+        "resnet101.pth, deep stem) or conv1.weight (torchvision's layout)"
+    )
+
+
+def load_resnet_weights(model: ResNet, state: dict[str, torch.Tensor]) -> None:
+    """Copy an ImageNet state dict (see :func:`read_resnet_weights`) into ``model``.
+
+    ``num_batches_tracked`` buffers may be absent (files saved before PyTorch 0.4.1);
+    ``load_state_dict`` then starts them at 0, as it does for such files.
+
+    Raises:
+        ValueError: a key missing or of another shape, or a key the model does not have
+            (names the first one).
+    """
     own = model.state_dict()
     for key, value in own.items():
         if key not in state:
+            if key.endswith("num_batches_tracked"):
+                continue
             raise ValueError(f"backbone key {key!r} missing from the weight file")
         if tuple(state[key].shape) != tuple(value.shape):
             raise ValueError(
@@ -107,5 +184,19 @@ def load_torchvision_weights(model: ResNet, path: str) -> None:
             )
     extra = sorted(set(state) - set(own))
     if extra:
-        raise ValueError(f"weight file has key {extra[0]!r} that a ResNet does not have")
-    model.load_state_dict(state, strict=True)
+        raise ValueError(f"weight file has key {extra[0]!r} that this ResNet does not have")
+    model.load_state_dict(state, strict=False)
+
+
+def load_weight_file(model: ResNet, path: str | os.PathLike) -> None:
+    """Load a weight file of either layout into ``model`` (whose stem must match it).
+
+    Raises:
+        ValueError: another stem than the model's, or any mismatch :func:`load_resnet_weights`
+            reports.
+    """
+    state = read_resnet_weights(path)
+    stem = detect_stem(state)
+    if stem != model.stem:
+        raise ValueError(f"the weight file has the {stem} stem; the model has the {model.stem} one")
+    load_resnet_weights(model, state)
