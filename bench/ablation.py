@@ -349,6 +349,14 @@ def main() -> None:
     t0 = time.perf_counter()
 
     mpath = data_manifest.resolve_manifest(cfg)
+    model = Path(cfg.get("annotate", {}).get("model") or "")
+    if "_annotator" in derived and not model.is_file():
+        # a variant's annotator: annotate trains only the default checkpoint on demand
+        print(f"ablation: training the variant's demo annotator ({model}) ...", flush=True)
+        sh(
+            [py, "-m", "train", "fit", "--config", str(out / "annotator.toml")],
+            out / "logs" / "annotator.log",
+        )
     print(f"ablation: annotating ({config}) ...", flush=True)
     sh([py, "-m", "annotate", "run", "--config", str(config)], out / "logs" / "annotate.log")
     m = data_manifest.load(mpath)
