@@ -1500,6 +1500,9 @@ def test_ctrl_c_in_a_real_process(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a job started in the background by a shell inherits SIGINT ignored; Python keeps
+        # it so, and the interrupt would never arrive
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not (tmp_path / "d" / "source").exists() and time.monotonic() < deadline:
