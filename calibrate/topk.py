@@ -250,13 +250,8 @@ def topk_cp_label(
         label = np.where(only_bg & bg_in, np.uint8(background), label)
         unsure |= only_bg & bg_maybe & ~bg_in
     if max_set_size > 0:
-        h_min = np.maximum(h_def, _hidden_floor(t, q, score, n_hidden))
-        cap = _hidden_cap(t, q, score, n_hidden)
-        size_min = s_in.sum(axis=0) + h_min
-        size_max = s_maybe.sum(axis=0) + np.maximum(h_min, np.minimum(h_pos, cap))
-        drop = size_min > max_set_size
-        unsure = (unsure | (size_max > max_set_size)) & ~drop
-        label = np.where(drop, np.uint8(IGNORE_INDEX), label)
+        sizes = _set_size_range(t, q, score, n_hidden, s_in, s_maybe, h_def, h_pos)
+        label, unsure = _cap_set_size(label, unsure, sizes, max_set_size)
     return np.where(unsure, np.uint8(IGNORE_INDEX), label).astype(np.uint8), unsure
 
 
@@ -302,14 +297,43 @@ def topk_informative_label(
         unsure = np.where(switch, False, unsure | (bg_maybe & ~none) | (bg_in & sw_unsure))
     if max_set_size > 0:
         h_def, h_pos = (_hidden_counter(t, q, qs)(x) for x in (x_def, x_pos))
-        h_min = np.maximum(h_def, _hidden_floor(t, q, score, n_hidden))
-        cap = _hidden_cap(t, q, score, n_hidden)
-        size_min = s_in.sum(axis=0) + h_min
-        size_max = s_maybe.sum(axis=0) + np.maximum(h_min, np.minimum(h_pos, cap))
-        drop = size_min > max_set_size
-        unsure = (unsure | (size_max > max_set_size)) & ~drop
-        label = np.where(drop, np.uint8(IGNORE_INDEX), label)
+        sizes = _set_size_range(t, q, score, n_hidden, s_in, s_maybe, h_def, h_pos)
+        label, unsure = _cap_set_size(label, unsure, sizes, max_set_size)
     return np.where(unsure, np.uint8(IGNORE_INDEX), label).astype(np.uint8), unsure
+
+
+def _set_size_range(
+    t: TopK,
+    q: np.ndarray,
+    score: str,
+    n_hidden: int,
+    s_in: np.ndarray,
+    s_maybe: np.ndarray,
+    h_def: np.ndarray,
+    h_pos: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(smallest, largest) possible set size per pixel, int (H, W): the stored classes surely
+    (``s_in``) or possibly (``s_maybe``) in the set, plus the hidden classes that surely
+    (``h_def``) or possibly (``h_pos``) enter, bounded by what the leftover mass allows."""
+    h_min = np.maximum(h_def, _hidden_floor(t, q, score, n_hidden))
+    cap = _hidden_cap(t, q, score, n_hidden)
+    size_min = s_in.sum(axis=0) + h_min
+    size_max = s_maybe.sum(axis=0) + np.maximum(h_min, np.minimum(h_pos, cap))
+    return size_min, size_max
+
+
+def _cap_set_size(
+    label: np.ndarray,
+    unsure: np.ndarray,
+    sizes: tuple[np.ndarray, np.ndarray],
+    max_set_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``max_set_size`` on (label, undetermined): a set surely larger is dropped (255, not
+    undetermined); one that may be larger is undetermined."""
+    size_min, size_max = sizes
+    drop = size_min > max_set_size
+    unsure = (unsure | (size_max > max_set_size)) & ~drop
+    return np.where(drop, np.uint8(IGNORE_INDEX), label), unsure
 
 
 def _hidden_cap(t: TopK, q: np.ndarray, score: str, n_hidden: int) -> np.ndarray:
