@@ -39,7 +39,8 @@ train: $(STAMP)
 	$(PY) -m train fit --config $(CONFIG)
 
 # docs/ablation.md's table: 8 rows x 5 paired seeds, a shorter schedule than the demo's (batch
-# 4 + 4, 80 + 30 iterations): its 40 training runs take about 70 minutes on 2 shared CPU cores.
+# 4 + 4, 80 + 30 iterations): its 40 training runs took 102 minutes on 2 CPU cores shared
+# with two other datasets' ablations.
 # A demo variant: make ablation ABLATION_DATA="--data-set demo_seed=1 --data-set demo_gap=0.7".
 ABLATION_ARGS ?= --seeds 0,1,2,3,4 --jobs 2 --train-set batch_size=4 --train-set stage1_length=80 \
 	--train-set stage2_length=30
