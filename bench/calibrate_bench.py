@@ -229,9 +229,13 @@ def argmax_figures(repeats: int = 5) -> dict:
         ):
             sets = S.prediction_sets(p, q, "lac")
             one = name == "pixel"
-            assert (S.pseudo_label(p, sets, 0, 0, one) == _old_pseudo_label(p, sets, 0)).all()
+            assert (
+                S.pseudo_label(p, sets, 0, 0, one_threshold=one) == _old_pseudo_label(p, sets, 0)
+            ).all()
             old = _median_time(lambda p=p, s=sets: _old_pseudo_label(p, s, 0), repeats)
-            new = _median_time(lambda p=p, s=sets, o=one: S.pseudo_label(p, s, 0, 0, o), repeats)
+            new = _median_time(
+                lambda p=p, s=sets, o=one: S.pseudo_label(p, s, 0, 0, one_threshold=o), repeats
+            )
             fig[f"cp_rule_{name}_loop_ms"] = round(1000 * old, 2)
             fig[f"cp_rule_{name}_vectorised_ms"] = round(1000 * new, 2)
             fig[f"cp_rule_{name}_speedup"] = round(old / new, 2)
