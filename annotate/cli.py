@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -30,6 +30,10 @@ from data_manifest.config import (
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_json
 from data_manifest.manifest import id_path
+
+if TYPE_CHECKING:
+    from annotate.run import RunResult
+    from data_manifest.manifest import Manifest
 
 app = make_app(
     "annotate",
@@ -133,7 +137,7 @@ def run(
     ] = False,
 ) -> None:
     """Annotate the manifest's images into the cache (resumable; re-run to continue)."""
-    from annotate.run import parse_shard, run_annotation
+    from annotate.run import parse_shard
 
     cfg = load_config(config)
     overrides = {
@@ -179,33 +183,7 @@ def run(
         "annotate": {k: v for k, v in section_dict(settings).items() if v not in ("", [], {})},
     }
     try:
-        with progress(disable=no_progress) as bar:
-            task = bar.add_task(
-                f"annotate {shard_i}/{shard_n}" if shard_n > 1 else "annotate", total=None, rate=""
-            )
-            t0 = [time.perf_counter()]
-
-            def on_progress(done: int, total: int, _queued: int) -> None:
-                if done == 0:  # the model is built: measure the rate from here
-                    t0[0] = time.perf_counter()
-                    bar.reset(task, total=total, rate="")
-                    return
-                bar.update(
-                    task,
-                    completed=done,
-                    total=total,
-                    rate=rate_text(done, time.perf_counter() - t0[0], "img"),
-                )
-
-            if settings.scheduler:
-                from annotate.run import run_on_dask
-
-                bar.update(task, description=f"annotate on Dask ({settings.scheduler})")
-                result = run_on_dask(settings, m, cache_path)
-            else:
-                result = run_annotation(
-                    settings, m, cache_path, (shard_i, shard_n), on_progress=on_progress
-                )
+        result = _annotate(settings, m, cache_path, (shard_i, shard_n), no_progress)
     except UserError as exc:  # "[annotate] key = ...": name the option or the config file
         if str(exc).startswith("[annotate] "):
             raise UserError(locate(str(exc), cfg, "annotate", given)) from None
@@ -217,6 +195,51 @@ def run(
     report["config"] = resolved
     name = "annotate.json" if shard_n == 1 else f"annotate.shard-{shard_i}-of-{shard_n}.json"
     atomic_write_json(out_dir / name, report)
+    _print_summary(result, report, settings.splits, cache_path, out_dir / name)
+
+
+def _annotate(
+    settings: AnnotateConfig,
+    m: Manifest,
+    cache_path: Path,
+    shard: tuple[int, int],
+    no_progress: bool,
+) -> RunResult:
+    """Run the annotation (here, or on the Dask scheduler the settings name) under a progress
+    bar whose rate counts from the moment the model is built."""
+    from annotate.run import run_annotation
+
+    shard_i, shard_n = shard
+    with progress(disable=no_progress) as bar:
+        task = bar.add_task(
+            f"annotate {shard_i}/{shard_n}" if shard_n > 1 else "annotate", total=None, rate=""
+        )
+        t0 = [time.perf_counter()]
+
+        def on_progress(done: int, total: int, _queued: int) -> None:
+            if done == 0:  # the model is built: measure the rate from here
+                t0[0] = time.perf_counter()
+                bar.reset(task, total=total, rate="")
+                return
+            bar.update(
+                task,
+                completed=done,
+                total=total,
+                rate=rate_text(done, time.perf_counter() - t0[0], "img"),
+            )
+
+        if settings.scheduler:
+            from annotate.run import run_on_dask
+
+            bar.update(task, description=f"annotate on Dask ({settings.scheduler})")
+            return run_on_dask(settings, m, cache_path)
+        return run_annotation(settings, m, cache_path, shard, on_progress=on_progress)
+
+
+def _print_summary(
+    result: RunResult, report: dict, splits: tuple[str, ...], cache_path: Path, report_path: Path
+) -> None:
+    """The per-split table, the rate line and the skipped images, on the console."""
     rows = [
         [
             s,
@@ -225,7 +248,7 @@ def run(
             result.annotated[s],
             sum(b["split"] == s for b in result.skipped),
         ]
-        for s in settings.splits
+        for s in splits
     ]
     console.print(
         table(
@@ -238,7 +261,7 @@ def run(
     console.print(
         f"{n} images in {result.wall_s:.1f} s ({report['images_per_s'] or 0:.1f} "
         f"img/s, forward {result.forward_s:.1f} s) on {result.device}; report "
-        f"{out_dir / name}",
+        f"{report_path}",
         highlight=False,
     )
     if result.skipped:
