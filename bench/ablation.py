@@ -52,7 +52,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import annotate  # noqa: E402
 import data_manifest  # noqa: E402
 from data_manifest.config import dump_toml, load_config, run_dir  # noqa: E402
 from data_manifest.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -129,25 +128,6 @@ def sh(args: list[str], log: Path, threads: int | None = None) -> None:
     if rc != 0:
         tail = log.read_text()[-2000:]
         raise SystemExit(f"ablation: `{' '.join(args)}` failed (exit {rc}); log {log}:\n{tail}")
-
-
-def annotator_miou(m: data_manifest.Manifest, cache_path: Path) -> float | None:
-    """The annotator's own mIoU (argmax) on the val split, from the cache; None if absent."""
-    cache = annotate.open_cache(cache_path)
-    rows = [r for r in m.split("val") if r.id in cache]
-    if not rows:
-        return None
-    k = m.num_classes
-    conf = np.zeros((k, k), dtype=np.int64)
-    for row in rows:
-        truth = m.read_label(row).ravel()
-        pred = cache.argmax(row.id).ravel()
-        ok = truth != 255
-        conf += np.bincount(truth[ok] * k + pred[ok], minlength=k * k).reshape(k, k)
-    inter = np.diag(conf)
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean())
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -345,7 +325,6 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = write_config(derived, out)
     cfg = load_config(config)
-    rd = run_dir(cfg)
     t0 = time.perf_counter()
 
     mpath = data_manifest.resolve_manifest(cfg)
@@ -360,7 +339,6 @@ def main() -> None:
     print(f"ablation: annotating ({config}) ...", flush=True)
     sh([py, "-m", "annotate", "run", "--config", str(config)], out / "logs" / "annotate.log")
     m = data_manifest.load(mpath)
-    cache = Path(cfg.get("annotate", {}).get("cache") or rd / "cache.zarr")
     needed = sorted({r.calibration for r in rows if r.calibration})
     for name in needed:
         print(f"ablation: calibrating {name} ...", flush=True)
@@ -380,7 +358,7 @@ def main() -> None:
             ],
             out / "logs" / f"calibrate_{name}.log",
         )
-    quality, quality_set = {}, None
+    quality, quality_set, ann = {}, None, None
     if needed:
         print("ablation: evaluating the pseudo-labels ...", flush=True)
         sh(
@@ -399,6 +377,8 @@ def main() -> None:
         ev = json.loads((out / "evaluation" / "evaluation.json").read_text())
         quality_set = "unlabeled" if "unlabeled" in ev["sets"] else "val"
         quality = ev["sets"].get(quality_set, {}).get("folders", {})
+        # the annotator's own argmax over every val pixel: its val mIoU
+        ann = ev["sets"].get("val", {}).get("annotator_argmax", {}).get("miou")
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
 
@@ -437,7 +417,6 @@ def main() -> None:
         list(pool.map(train, jobs))
 
     results = summarise(rows, seeds, out, quality, quality_set or "", same_as)
-    ann = annotator_miou(m, cache)
     tc = cfg.get("train", {})
     header = (
         f"`{m.meta.dataset}` ({mpath}): val mIoU (%) over seeds {seeds}, mean ± 95 % "
