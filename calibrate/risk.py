@@ -180,17 +180,23 @@ def log_binom_cdf(k: np.ndarray, n: int, p: float) -> np.ndarray:
     return np.where(k < 0, -np.inf, np.minimum(out, 0.0))
 
 
-def hb_p_value(risk: np.ndarray, n: int, eps: float) -> np.ndarray:
-    """Hoeffding-Bentkus p-values of H: E[ℓ] > ε from the mean ``risk`` of n losses in [0, 1].
+def hb_p_value(loss_sum: np.ndarray, n: int, eps: float) -> np.ndarray:
+    """Hoeffding-Bentkus p-values of H: E[ℓ] > ε from the summed losses of n images in [0, 1].
 
-    Hoeffding (relative-entropy form): exp(−n·kl(min(r, ε) ‖ ε)); Bentkus: e·P(Bin(n, ε) ≤
-    ⌈n r⌉). The smaller of the two (Bates et al. 2021, Angelopoulos et al. 2021).
+    Args:
+        loss_sum: int64 (G,) Σ_i ℓ_i in fixed point (units of 1/SCALE); n ≥ 1; eps: ε.
+    Returns:
+        float64 (G,). Hoeffding (relative-entropy form): exp(−n·kl(min(R̂, ε) ‖ ε)) with
+        R̂ = Σ ℓ / n; Bentkus: e·P(Bin(n, ε) ≤ ⌈n R̂⌉) = e·P(Bin(n, ε) ≤ ⌈Σ ℓ⌉), the ceiling
+        taken on the integer sum (exact: a sum a hair above an integer rounds up). The smaller
+        of the two (Bates et al. 2021, Angelopoulos et al. 2021).
     """
-    r = np.minimum(np.asarray(risk, np.float64), eps)
+    total = np.asarray(loss_sum, np.int64)
+    r = np.minimum(total.astype(np.float64) / SCALE / n, eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(r > 0, r * np.log(r / eps), 0.0) + (1 - r) * np.log((1 - r) / (1 - eps))
     hoeffding = np.exp(-n * kl)
-    k = np.ceil(n * np.asarray(risk, np.float64) - 1e-9).astype(np.int64)
+    k = -(-total // SCALE)  # ⌈Σ ℓ⌉ in integers
     bentkus = np.exp(1.0 + log_binom_cdf(k, n, eps))
     return np.minimum(np.minimum(hoeffding, bentkus), 1.0)
 
@@ -230,7 +236,7 @@ def select(
             )
         d = None
     else:
-        stat = hb_p_value(risk, n, eps) if n else np.ones(tau.size)
+        stat = hb_p_value(loss_sum, n, eps) if n else np.ones(tau.size)
         j = _leading_true(stat <= delta)
         need = math.ceil(math.log(delta) / math.log1p(-eps))
         if j < 0 and n < need:
