@@ -51,7 +51,7 @@ def run(
     alpha: Annotated[float | None, typer.Option(help="Miscoverage α in (0, 1).")] = None,
     mode: Annotated[str | None, typer.Option(help="pixel, class or image.")] = None,
     score: Annotated[str | None, typer.Option(help="lac (1 − p_y) or aps.")] = None,
-    method: Annotated[str | None, typer.Option(help="cp, raw, threshold or risk.")] = None,
+    method: Annotated[str | None, typer.Option(help="cp, raw, threshold, risk or recall.")] = None,
     risk: Annotated[
         float | None,
         typer.Option(help="Method risk: ε in (0, 1), the kept-pixel error to control."),
@@ -61,6 +61,10 @@ def run(
         typer.Option(help="Method risk: crc (guarantee in expectation) or ltt (w.p. 1 − δ)."),
     ] = None,
     delta: Annotated[float | None, typer.Option(help="Method risk with ltt: δ in (0, 1).")] = None,
+    miss: Annotated[
+        float | None,
+        typer.Option(help="Method recall: ε in (0, 1), the miss rate of every object class."),
+    ] = None,
     background_rule: Annotated[
         str | None, typer.Option(help="auto, prefer_foreground or most_probable.")
     ] = None,
@@ -118,6 +122,7 @@ def run(
         risk=risk,
         risk_control=risk_control,
         delta=delta,
+        miss=miss,
         background_rule=background_rule,
         max_set_size=max_set_size,
         threshold=threshold,
@@ -148,6 +153,8 @@ def run(
         console.print(t)
     if result["figures"].get("risk"):
         console.print(risk_table(result["figures"]["risk"]))
+    if result["figures"].get("recall"):
+        console.print(recall_table(result["figures"]["recall"]))
     tm = result["timings"]
     console.print(
         table(
@@ -200,6 +207,40 @@ def risk_table(fig: dict[str, Any]) -> Any:
                 ]
             )
     return table(f"risk control: {fig['guarantee']}", ["", "value"], rows)
+
+
+def recall_table(fig: dict[str, Any]) -> Any:
+    """Method recall: per class, its threshold, whether its miss rate is certified, and the
+    calibration and val figures."""
+
+    def f(v: Any) -> str:
+        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+    val = fig.get("val") or {}
+    rows = []
+    for s in fig["selection"]:
+        v = val.get(s["cls"], {})
+        rows.append(
+            [
+                s["cls"],
+                "never" if s["index"] < 0 else f(s["tau"]),
+                "yes" if s["certified"] else "no",
+                f(s["images"]),
+                f(s["statistic"]),
+                f"{f(s['recall'])} / {f(s['precision'])}",
+                f"{f(v.get('mean_miss'))} / {f(v.get('recall'))} / {f(v.get('precision'))}",
+            ]
+        )
+    cols = [
+        "class",
+        "threshold",
+        "certified",
+        "images",
+        f"CRC bound (≤ {fig['epsilon']})",
+        "calibration recall / precision",
+        "val mean miss / recall / precision",
+    ]
+    return table(f"recall floor per class: {fig['guarantee']}", cols, rows)
 
 
 @app.command()
