@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibrate import risk as R  # risk → rules → recall → risk: attributes read at call time
+from calibrate import risk as R
 from calibrate import sets as S
 from calibrate import topk as T
 from data_manifest.errors import UserError

@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibrate.rules import confidence
-from calibrate.tasks import Ctx, Item, _cache, load, merge_role
 from data_manifest.manifest import IGNORE_INDEX
+
+if TYPE_CHECKING:  # calibrate.tasks imports calibrate.recall, which imports this module
+    from calibrate.tasks import Ctx, Item
 
 CONTROLS = ("crc", "ltt")
 GUARANTEE = {
@@ -281,6 +284,8 @@ def risk_pass(batch: list[Item], ctx: Ctx, quantize: bool) -> dict:
 
     Returns ``{role: summed image_stats}`` (role "cal", "held" or "val").
     """
+    from calibrate.tasks import _cache, load, merge_role
+
     cache = _cache(ctx.cache)
     tau = tau_grid()
     out: dict = {}

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from calibrate import recall as C
 from calibrate import sets as S
 from calibrate import topk as T
 from data_manifest.errors import UserError
@@ -96,6 +95,8 @@ def label_image(probs: np.ndarray, rule: Rule) -> np.ndarray:
         keep = conf >= np.float32(rule.tau)
         return np.where(keep, idx, np.uint8(IGNORE_INDEX)).astype(np.uint8)
     if rule.method == "recall":
+        from calibrate import recall as C  # recall → risk → rules: imported where used
+
         return C.label(
             probs, np.asarray(rule.thresholds, np.float32), rule.background, rule.quantize
         )
