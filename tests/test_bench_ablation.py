@@ -51,8 +51,19 @@ def test_paired_differences_use_common_seeds(tmp_path: Path) -> None:
             f.parent.mkdir(parents=True)
             f.write_text(json.dumps({"miou": v / 100}))
     rows = [r for r in A.ROWS if r.key in runs]
-    quality = {"cp": {"kept_fraction": 1.0, "kept_accuracy": 0.9, "miou": 0.5}}
-    res = {r["row"]: r for r in A.summarise(rows, [0, 1, 2], tmp_path, quality, "unlabeled")}
+    quality = {
+        "cp": {
+            "kept_fraction": 1.0,
+            "kept_accuracy": 0.9,
+            "miou": 0.5,
+            "recall": {"bg": 0.99, "a": 0.5, "b": 0.7, "c": None},
+            "precision": {"bg": 0.9, "a": 0.6, "b": None, "c": 0.2},
+        }
+    }
+    res = {
+        r["row"]: r
+        for r in A.summarise(rows, [0, 1, 2], tmp_path, quality, "unlabeled", background="bg")
+    }
     cp = res["cp"]
     assert cp["miou_ci"]["n"] == 2
     d = cp["diff_labeled_only"]  # seeds 0 and 1 only: +5, +4
@@ -65,6 +76,8 @@ def test_paired_differences_use_common_seeds(tmp_path: Path) -> None:
         "kept_fraction": 1.0,
         "kept_accuracy": 0.9,
         "miou": 0.5,
+        "object_recall": pytest.approx(0.6),  # classes other than the background, known ones
+        "object_precision": pytest.approx(0.4),
     }
     md = A.table(list(res.values()), "header")
     assert "+4.5 ± " in md and "| — |" in md
@@ -93,3 +106,76 @@ def test_rows_with_identical_pseudo_labels_share_runs(tmp_path: Path) -> None:
     assert digest["raw"] == digest["threshold"] != digest["cp"]
     same = A.twins(A.ROWS, digest)
     assert same == {"threshold": "raw"}  # cp_stage2 shares cp's PNGs but not its options
+
+
+def _run(folder: Path, evals: list[float]) -> None:
+    folder.mkdir(parents=True)
+    lines = [json.dumps({"type": "train", "iter": 1, "loss": 1.0})]
+    lines += [json.dumps({"type": "eval", "iter": 10 * i, "miou": v}) for i, v in enumerate(evals)]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "final.json").write_text(json.dumps({"miou": evals[-1]}))
+
+
+def test_a_runs_figure_is_its_last_evaluation_or_the_mean_of_the_last_n(tmp_path: Path) -> None:
+    _run(tmp_path / "r", [0.1, 0.5, 0.6, 0.7])
+    assert A.run_miou(tmp_path / "r", 1) == pytest.approx(70.0)
+    assert A.run_miou(tmp_path / "r", 3) == pytest.approx(60.0)
+    assert A.run_miou(tmp_path / "r", 5) is None  # fewer evaluations than asked for
+    assert A.run_miou(tmp_path / "missing", 1) is None
+
+
+def test_claims_are_paired_and_get_a_verdict() -> None:
+    def row(key: str, values: list[float]) -> dict:
+        return {"row": key, "miou": {str(s): v for s, v in enumerate(values)}}
+
+    results = [
+        row("labeled_only", [50, 52, 51, 49, 50]),
+        row("raw", [40, 45, 41, 43, 42]),
+        row("cp", [55, 56, 54, 57, 55]),
+        row("cp_stage2", [55, 57, 53, 58, 54]),
+    ]
+    comps = {c["key"]: c for c in A.comparisons(results)}
+    assert set(comps) == {"raw_lt_cp", "labeled_lt_cp", "labeled_lt_cp_stage2", "cp_le_cp_stage2"}
+    assert comps["raw_lt_cp"]["verdict"] == "holds"
+    assert comps["raw_lt_cp"]["diff"]["mean"] == pytest.approx(13.2)
+    assert comps["cp_le_cp_stage2"]["verdict"] == "undecided"
+    flipped = A.comparisons([row("raw", [60, 61, 62]), row("cp", [50, 52, 51])])
+    assert flipped[0]["verdict"] == "reversed"
+
+
+def test_sweep_values_and_tables(tmp_path: Path) -> None:
+    assert A.sweep_values("demo_gap=0, 0.5,1") == ("demo_gap", [0, 0.5, 1])
+    with pytest.raises(SystemExit, match="expected KEY=V1,V2"):
+        A.sweep_values("demo_gap")
+
+    def point(v: float, shift: float) -> dict:
+        rows = [
+            {
+                "row": key,
+                "title": key,
+                "calibration": calib,
+                "miou_ci": A.t_interval([base + shift, base + shift + 1, base + shift - 1]),
+                "pseudo": {"kept_fraction": 1.0, "kept_accuracy": 0.9, "object_recall": 0.5}
+                if calib
+                else {},
+                "miou": {"0": base + shift, "1": base + shift + 1, "2": base + shift - 1},
+            }
+            for key, calib, base in (("labeled_only", None, 50), ("cp", "cp", 55))
+        ]
+        return {
+            "value": v,
+            "annotator_val_miou": 0.4,
+            "qhat": 0.99,
+            "rows": rows,
+            "comparisons": A.comparisons(rows),
+        }
+
+    content = {"key": "demo_gap", "values": [0, 1], "seeds": [0, 1, 2]}
+    content["points"] = [point(0, 0.0), point(1, -3.0)]
+    md = A.sweep_table(content)
+    assert "| labeled only < CP | +5.0 ± 0.0 * (holds) | +5.0 ± 0.0 * (holds) |" in md
+    assert "| cp: object recall % | 50.0 | 50.0 |" in md
+    assert "| CP's q̂ (α = 0.05) | 0.99 | 0.99 |" in md
+    A.plot_sweep(content, tmp_path)
+    for name in ("sweep_miou.png", "sweep_pseudo.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
