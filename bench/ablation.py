@@ -150,17 +150,24 @@ def t_interval(values: list[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "half_width": hw, "low": mean - hw, "high": mean + hw}
 
 
-def sh(args: list[str], log: Path, threads: int | None = None) -> None:
-    """Run one stage command; its output goes to ``log``; a failure stops the ablation."""
+def sh(args: list[str], log: Path, threads: int | None = None) -> dict[str, float]:
+    """Run one stage command; its output goes to ``log``; a failure stops the ablation.
+
+    Returns its wall time and CPU time (user + system, its own and its children's) in seconds.
+    """
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     log.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
     with open(log, "w") as fh:
-        rc = subprocess.call(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
         tail = log.read_text()[-2000:]
         raise SystemExit(f"ablation: `{' '.join(args)}` failed (exit {rc}); log {log}:\n{tail}")
+    return {"wall_s": time.perf_counter() - t, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def parse_sets(items: list[str]) -> dict[str, Any]:
@@ -431,20 +438,23 @@ def run_ablation(opt: Options) -> dict[str, Any]:
 
     mpath = data_manifest.resolve_manifest(cfg)
     model = Path(cfg.get("annotate", {}).get("model") or "")
+    prep: dict[str, dict[str, float]] = {}  # cost of each step that ran now
     if "_annotator" in derived and not model.is_file():
         # a variant's annotator: annotate trains only the default checkpoint on demand
         print(f"ablation: training the variant's demo annotator ({model}) ...", flush=True)
-        sh(
+        prep["annotator"] = sh(
             [py, "-m", "train", "fit", "--config", str(out / "annotator.toml")],
             out / "logs" / "annotator.log",
         )
     print(f"ablation: annotating ({config}) ...", flush=True)
-    sh([py, "-m", "annotate", "run", "--config", str(config)], out / "logs" / "annotate.log")
+    prep["annotate"] = sh(
+        [py, "-m", "annotate", "run", "--config", str(config)], out / "logs" / "annotate.log"
+    )
     m = data_manifest.load(mpath)
     needed = sorted({r.calibration for r in rows if r.calibration})
     for name in needed:
         print(f"ablation: calibrating {name} ...", flush=True)
-        sh(
+        prep[f"calibrate_{name}"] = sh(
             [
                 py,
                 "-m",
@@ -463,7 +473,7 @@ def run_ablation(opt: Options) -> dict[str, Any]:
     quality, quality_set, ann = {}, None, None
     if needed:
         print("ablation: evaluating the pseudo-labels ...", flush=True)
-        sh(
+        prep["evaluate"] = sh(
             [
                 py,
                 "-m",
@@ -505,10 +515,13 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         ]
         if row.calibration:
             cmd += ["--pseudo-dir", str(out / "pseudo" / row.calibration)]
-        t = time.perf_counter()
-        sh(cmd, out / "logs" / f"train_{row.key}_seed{seed}.log", threads)
+        log = out / "logs" / f"train_{row.key}_seed{seed}.log"
+        cost = sh(cmd, log, threads)
+        atomic_write_json(log.with_suffix(".cost.json"), cost)
         print(
-            f"ablation: trained {row.key} seed {seed} ({time.perf_counter() - t:.0f} s)", flush=True
+            f"ablation: trained {row.key} seed {seed} ({cost['wall_s']:.0f} s, "
+            f"CPU {cost['cpu_s']:.0f} s)",
+            flush=True,
         )
 
     same_as = twins(rows, {n: folder_digest(out / "pseudo" / n) for n in needed})
@@ -552,12 +565,37 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         "comparisons": comps,
         "pseudo_quality_set": quality_set,
         "wall_s": time.perf_counter() - t0,
+        "train_cost": costs(out, rows, seeds, same_as),
+        "prep_cost_this_call": prep,
     }
     atomic_write_text(out / "ablation.md", md)
     atomic_write_json(out / "ablation.json", content)
     print(md)
     print(f"ablation: wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
     return content
+
+
+def costs(out: Path, rows: list[Row], seeds: list[int], same_as: dict[str, str]) -> dict[str, Any]:
+    """Per row, the mean wall and CPU seconds of its training runs (as recorded when they
+    ran; runs of a twin row are counted once), and the totals."""
+    per_row, cpu, wall = {}, 0.0, 0.0
+    for row in rows:
+        if row.key in same_as:
+            continue
+        recs = []
+        for s in seeds:
+            f = out / "logs" / f"train_{row.key}_seed{s}.cost.json"
+            if f.is_file():
+                recs.append(json.loads(f.read_text()))
+        if recs:
+            per_row[row.key] = {
+                "runs": len(recs),
+                "wall_s": float(np.mean([r["wall_s"] for r in recs])),
+                "cpu_s": float(np.mean([r["cpu_s"] for r in recs])),
+            }
+            cpu += sum(r["cpu_s"] for r in recs)
+            wall += sum(r["wall_s"] for r in recs)
+    return {"per_row": per_row, "total_cpu_s": cpu, "total_run_wall_s": wall}
 
 
 def _qhat(folder: Path) -> float | None:
