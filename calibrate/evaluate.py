@@ -256,7 +256,7 @@ def count_batch(batch: list[Item], ctx: EvalCtx) -> dict:
             r["folders"][f.name] = {"images": 1, "confusion": cm, **image_recall(cm)}
             if f.rule is not None and f.rule.method == "recall":
                 x = T.read_unlabeled(cache, it.id) if it.role == "unlabeled" else probs
-                fg = C.top_foreground(x, f.rule.background)
+                fg = C.top_foreground(x, f.rule.background)[0]
                 r["folders"][f.name].update(reachable_miss(truth, pred, fg, k))
         out = merge(out, {it.role: r})
     return out

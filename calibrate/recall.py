@@ -140,19 +140,29 @@ def label(
     return apply(f, pi, bg_top, thresholds, background)
 
 
-def top_foreground(x: np.ndarray | T.TopK, background: int | None) -> np.ndarray:
-    """The most probable foreground class of every pixel, uint8 (H, W): from probabilities
-    (K, H, W), or from a top-k entry at image resolution (the first stored non-background
-    class; 255 where k = 1 and the background is on top, so that it is not stored)."""
+def top_foreground(x: np.ndarray | T.TopK, background: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The most probable foreground class of every pixel and its probability rounded to
+    float16, from probabilities (K, H, W) or from a top-k entry at image resolution (the first
+    stored non-background class and its stored value; 255 and −1 where k = 1 and the
+    background is on top, so that it is not stored).
+
+    Returns:
+        (f uint8 (H, W), π float32 (H, W)).
+    """
     if isinstance(x, np.ndarray):
-        return foreground(x, background, False)[0]
+        f, pi, _ = foreground(x, background, True)
+        return f, pi
     idx = x.index
+    value = ((x.lo + x.hi) / np.float32(2)).astype(np.float16).astype(np.float32)
     if background is None:
-        return idx[0].copy()
+        return idx[0].copy(), value[0]
     bg_first = idx[0] == background
     if idx.shape[0] < 2:
-        return np.where(bg_first, np.uint8(IGNORE_INDEX), idx[0]).astype(np.uint8)
-    return np.where(bg_first, idx[1], idx[0]).astype(np.uint8)
+        f = np.where(bg_first, np.uint8(IGNORE_INDEX), idx[0]).astype(np.uint8)
+        return f, np.where(bg_first, np.float32(-1.0), value[0])
+    return np.where(bg_first, idx[1], idx[0]).astype(np.uint8), np.where(
+        bg_first, value[1], value[0]
+    )
 
 
 def topk_label(
@@ -223,13 +233,28 @@ def image_stats(
         threshold, "loss": int64 (K, G) the miss rate 1 − tp/r in fixed point (0 where
         r_c = 0)}``. The background's entries stay 0.
     """
-    k, g = probs.shape[0], grid.size
     f, pi, _ = foreground(probs, background, quantize)
+    return stats_from(f, pi, labels, grid, probs.shape[0], background)
+
+
+def stats_from(
+    f: np.ndarray,
+    pi: np.ndarray,
+    labels: np.ndarray,
+    grid: np.ndarray,
+    k: int,
+    background: int | None,
+) -> dict:
+    """:func:`image_stats` from an image's most probable foreground class f uint8 (H, W) and
+    its probability π float32 (H, W) (as :func:`foreground` or :func:`top_foreground` give
+    them; f = 255 where it is unknown: such pixels are neither reachable nor claimed)."""
+    g = grid.size
     valid = labels != IGNORE_INDEX
+    n = np.bincount(labels[valid], minlength=k)[:k].astype(np.int64)
+    valid &= f < k
     y = labels[valid].astype(np.intp)
     fv = f[valid].astype(np.intp)
     j = first_kept(pi[valid], grid)
-    n = np.bincount(y, minlength=k).astype(np.int64)
     hit = fv == y
     r = np.bincount(y[hit], minlength=k).astype(np.int64)
     code = fv * (g + 1) + j
