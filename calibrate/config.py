@@ -65,7 +65,7 @@ class CalibrateConfig:
     risk: float = 0.1
     risk_control: Literal["crc", "ltt"] = "crc"
     delta: float = 0.1
-    miss: float = 0.3
+    miss: float = 0.2
     class_min_pixels: int = 100
     topk_undetermined_max: float = 0.001
     held_out_fraction: float = 0.5
