@@ -419,6 +419,7 @@ class Options:
     train_set: list[str]
     data_set: list[str]
     out: str | None = None
+    report_dir: str | None = None  # where ablation.md/.json go (default: the output folder)
 
 
 def run_ablation(opt: Options) -> dict[str, Any]:
@@ -568,10 +569,12 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         "train_cost": costs(out, rows, seeds, same_as),
         "prep_cost_this_call": prep,
     }
-    atomic_write_text(out / "ablation.md", md)
-    atomic_write_json(out / "ablation.json", content)
+    report = Path(opt.report_dir) if opt.report_dir else out
+    report.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(report / "ablation.md", md)
+    atomic_write_json(report / "ablation.json", content)
     print(md)
-    print(f"ablation: wrote {out / 'ablation.md'} and {out / 'ablation.json'}")
+    print(f"ablation: wrote {report / 'ablation.md'} and {report / 'ablation.json'}")
     return content
 
 
@@ -627,9 +630,12 @@ def run_sweep(opt: Options, spec: str, out: Path) -> dict[str, Any]:
         own = base.get(key) == v and not opt.data_set
         data_set = [] if own else [*opt.data_set, f"{key}={v}"]
         print(f"ablation: sweep {key} = {v}" + (" (the config's own value)" if own else ""))
-        points.append(
-            {"value": v, **run_ablation(Options(**{**opt.__dict__, "data_set": data_set}))}
+        # the tables of each value go into the sweep's folder: the config's own value must not
+        # overwrite its full ablation's tables with the sweep's rows and seeds
+        point = Options(
+            **{**opt.__dict__, "data_set": data_set, "report_dir": str(out / f"{key}={v}")}
         )
+        points.append({"value": v, **run_ablation(point)})
     content = {"key": key, "values": values, "seeds": opt.seeds, "points": points}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", content)
