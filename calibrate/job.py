@@ -52,6 +52,7 @@ from calibrate.tasks import (
     calib_high,
     calib_low,
     evaluate,
+    labeled_stats,
     unlabeled_counts,
     write_pseudo,
 )
@@ -374,15 +375,16 @@ def run(
                 tau, n_cp, _ = matched_threshold(runner, u_items, ctx, qhat, conf.batch)
         timings["threshold_s"] = time.perf_counter() - t
         quantize = 0 < cache.meta.topk < cache.num_classes
-        if conf.method == "risk":
+        if conf.method in ("risk", "recall"):
             t = time.perf_counter()
-            risk_fig = _risk_pass(runner, plan, label_of, ctx, conf, quantize)
-            tau = risk_fig["tau"]
-            timings["risk_s"] = time.perf_counter() - t
-        if conf.method == "recall":
-            t = time.perf_counter()
-            risk_fig = _recall_pass(runner, plan, label_of, ctx, conf, quantize, manifest)
-            timings["recall_s"] = time.perf_counter() - t
+            stats = _labeled_pass(runner, plan, label_of, ctx, conf, quantize)
+            if conf.method == "risk":
+                risk_fig = risk_figures(stats, conf, bool(plan.held))
+                tau = risk_fig["tau"]
+            else:
+                classes = list(manifest.classes)
+                risk_fig = recall_figures(stats, conf, bool(plan.held), classes, ctx.background)
+            timings[f"{conf.method}_s"] = time.perf_counter() - t
         rules = make_rules(conf, ctx, qmat, ia, tau, risk_fig, quantize)
         png_rule = rules["pngs"]
 
@@ -528,21 +530,30 @@ def _report_pass(
     return _run_pass(runner, evaluate, items, conf.batch, "report", ctx=ctx, qhats=qhats)
 
 
-def _risk_pass(
+def _labeled_pass(
     runner: Runner,
     plan: Plan,
     label_of: dict[str, str | None],
     ctx: Ctx,
     conf: CalibrateConfig,
     quantize: bool,
-) -> dict[str, Any]:
-    """Method risk: the per-image risk tables of the labeled and val images, and τ̂."""
+) -> dict:
+    """Methods risk and recall: their per-image tables of the labeled and val images, summed
+    by role."""
     items = [Item(i, label_of[i], "cal") for i in plan.cal]
     items += [Item(i, label_of[i], "held") for i in plan.held]
     items.sort(key=lambda it: it.id)
     items += [Item(i, label_of[i], "val") for i in plan.val]
-    stats = _run_pass(runner, R.risk_pass, items, conf.batch, "risk", ctx=ctx, quantize=quantize)
-    return risk_figures(stats, conf, bool(plan.held))
+    return _run_pass(
+        runner,
+        labeled_stats,
+        items,
+        conf.batch,
+        conf.method,
+        ctx=ctx,
+        method=conf.method,
+        quantize=quantize,
+    )
 
 
 def _figures(
@@ -656,27 +667,6 @@ def risk_figures(stats: dict, conf: CalibrateConfig, has_held: bool) -> dict[str
             **R.at(stats.get("held"), sel["cal"].index),
         }
     return out
-
-
-def _recall_pass(
-    runner: Runner,
-    plan: Plan,
-    label_of: dict[str, str | None],
-    ctx: Ctx,
-    conf: CalibrateConfig,
-    quantize: bool,
-    manifest: Manifest,
-) -> dict[str, Any]:
-    """Method recall: the per-class miss-rate tables of the labeled and val images, and the
-    thresholds."""
-    items = [Item(i, label_of[i], "cal") for i in plan.cal]
-    items += [Item(i, label_of[i], "held") for i in plan.held]
-    items.sort(key=lambda it: it.id)
-    items += [Item(i, label_of[i], "val") for i in plan.val]
-    stats = _run_pass(
-        runner, C.recall_pass, items, conf.batch, "recall", ctx=ctx, quantize=quantize
-    )
-    return recall_figures(stats, conf, bool(plan.held), list(manifest.classes), ctx.background)
 
 
 def recall_figures(

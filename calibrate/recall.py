@@ -36,15 +36,15 @@ N_c < 1/ε − 1 (9 images for ε = 0.1, 1 for ε = 0.5). Its threshold is then 
 over the whole grid, without a guarantee; with N_c = 0 it is never labeled. The report lists
 such classes.
 
-Counted in one Dask pass: every labeled image contributes, per class and grid threshold, its
-pixel counts and its miss rate in fixed point (units of 2⁻³², rounded up), so sums are exact
-integers, identical in any order, and never below the true sum.
+Counted in one Dask pass (:func:`calibrate.tasks.labeled_stats`): every labeled image
+contributes, per class and grid threshold, its pixel counts and its miss rate in fixed point
+(units of 2⁻³², rounded up), so sums are exact integers, identical in any order, and never
+below the true sum.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -53,9 +53,6 @@ from calibrate import sets as S
 from calibrate import topk as T
 from data_manifest.errors import UserError
 from data_manifest.manifest import IGNORE_INDEX
-
-if TYPE_CHECKING:  # calibrate.tasks imports calibrate.rules, which imports this module
-    from calibrate.tasks import Ctx, Item
 
 GUARANTEE = (
     "for every certified non-background class c: E[miss rate of c on a new image] <= "
@@ -400,19 +397,3 @@ def thresholds(selection: list[ClassSelection], classes: list[str]) -> tuple[flo
     """The rule's thresholds, one per class in class order (the background's: 0, unused)."""
     by_name = {s.cls: s.tau for s in selection}
     return tuple(float(by_name.get(c, 0.0)) for c in classes)
-
-
-def recall_pass(batch: list[Item], ctx: Ctx, quantize: bool) -> dict:
-    """The Dask task: :func:`image_stats` of every labeled image of the batch, by role.
-
-    Returns ``{role: summed image_stats}`` (role "cal", "held" or "val").
-    """
-    from calibrate.tasks import _cache, load, merge_role
-
-    cache = _cache(ctx.cache)
-    grid = class_grid()
-    out: dict = {}
-    for it in batch:
-        probs, lab = load(cache, it, ctx)
-        out = merge_role(out, it.role, image_stats(probs, lab, grid, ctx.background, quantize))
-    return out

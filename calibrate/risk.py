@@ -26,24 +26,21 @@ labeled and the unlabeled images are exchangeable: one pool split at random):
   images, R(τ̂) ≤ ε. It needs many images: even N images with no error at all give the
   p-value (1 − ε)^N, so N ≥ log δ / log(1 − ε) (22 for ε = δ = 0.1) is a hard minimum.
 
-Both are counted in one Dask pass: every image contributes its kept and wrong counts at every
-grid threshold and its ℓ and ℓ̃ in fixed point (:data:`SCALE`, rounded up, so sums are exact
-integers, identical in any order, and never below the true sum).
+Both are counted in one Dask pass (:func:`calibrate.tasks.labeled_stats`): every image
+contributes its kept and wrong counts at every grid threshold and its ℓ and ℓ̃ in fixed point
+(:data:`SCALE`, rounded up, so sums are exact integers, identical in any order, and never below
+the true sum).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibrate.rules import confidence
 from data_manifest.manifest import IGNORE_INDEX
-
-if TYPE_CHECKING:  # calibrate.tasks imports calibrate.recall, which imports this module
-    from calibrate.tasks import Ctx, Item
 
 CONTROLS = ("crc", "ltt")
 GUARANTEE = {
@@ -277,19 +274,3 @@ def at(stats: dict | None, j: int) -> dict:
         "kept_error": round(wrong / kept, 6) if kept else None,
         "mean_image_error": round(loss, 6) if n else None,
     }
-
-
-def risk_pass(batch: list[Item], ctx: Ctx, quantize: bool) -> dict:
-    """The Dask task: :func:`image_stats` of every labeled image of the batch, by role.
-
-    Returns ``{role: summed image_stats}`` (role "cal", "held" or "val").
-    """
-    from calibrate.tasks import _cache, load, merge_role
-
-    cache = _cache(ctx.cache)
-    tau = tau_grid()
-    out: dict = {}
-    for it in batch:
-        probs, lab = load(cache, it, ctx)
-        out = merge_role(out, it.role, image_stats(probs, lab, tau, quantize))
-    return out

@@ -19,6 +19,7 @@ import numpy as np
 from annotate.cache import Cache, open_cache
 from calibrate import quantile as Q
 from calibrate import recall as C
+from calibrate import risk as R
 from calibrate import rules as RU
 from calibrate import sets as S
 from calibrate import topk as T
@@ -295,6 +296,24 @@ def evaluate(batch: list[Item], ctx: Ctx, qhats: dict) -> dict:
         r["kept_correct"] = int((kept & (pl == y)).sum())
         r["raw_correct"] = int((raw == y).sum())
         out = merge_role(out, it.role, r)
+    return out
+
+
+def labeled_stats(batch: list[Item], ctx: Ctx, method: str, quantize: bool) -> dict:
+    """Methods risk and recall: the per-image tables of every labeled (and val) image of the
+    batch (:func:`calibrate.risk.image_stats`, :func:`calibrate.recall.image_stats`).
+
+    Returns ``{role: summed image stats}`` (role "cal", "held" or "val").
+    """
+    cache = _cache(ctx.cache)
+    out: dict = {}
+    for it in batch:
+        probs, lab = load(cache, it, ctx)
+        if method == "risk":
+            stats = R.image_stats(probs, lab, R.tau_grid(), quantize)
+        else:
+            stats = C.image_stats(probs, lab, C.class_grid(), ctx.background, quantize)
+        out = merge_role(out, it.role, stats)
     return out
 
 

@@ -14,8 +14,8 @@ over trials, estimated); the test accepts a mean ≤ ε + 4 s/√T, so a correct
 fails with probability < 1e-4 per check by the normal approximation (T = 3000; the trials'
 means are averages of 3000 bounded values). Calibration sets of N = 16 images hold about 7
 images per class, where CRC's +1/(N_c + 1) matters: without it (plug-in) the mean risk
-exceeds ε by about 4 standard errors beyond the bound (measured: 0.213 against 0.207). The plug-in rule without CRC's +1/(N+1), on the
-same trials, exceeds that bound: the test can fail. Trials where a class has too few images
+exceeds ε by about 4 standard errors beyond the bound (measured: 0.213 against 0.207), so the
+test can fail. Trials where a class has too few images
 to be certified (N_c < 1/ε − 1) use CRC's convention (the most lenient threshold, t = 0,
 where the loss is 0), which the theorem covers.
 """
