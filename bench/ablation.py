@@ -637,6 +637,7 @@ def run_sweep(opt: Options, spec: str, out: Path) -> dict[str, Any]:
         )
         points.append({"value": v, **run_ablation(point)})
     content = {"key": key, "values": values, "seeds": opt.seeds, "points": points}
+    content["stops"] = stops(content)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "sweep.json", content)
     md = sweep_table(content)
@@ -687,7 +688,37 @@ def sweep_table(content: dict[str, Any]) -> str:
             name = c["claim"] if c else name
             cells.append("—" if c is None else f"{fmt_ci(c['diff'], True)} ({c['verdict']})")
         out.append(line(name, cells))
+    out += ["", f"where each claim stops holding (values of `{key}` in increasing order)", ""]
+    out += ["| claim | holds at | stops holding at |", "|---|---|---|"]
+    for s in stops(content):
+        held = ", ".join(str(v) for v in s["holds_at"]) or "none"
+        out.append(f"| {s['claim']} | {held} | {s['stops_at']} |")
     return "\n".join(out) + "\n"
+
+
+def stops(content: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per claim: the values where it holds (its interval above 0) and the first value, in
+    increasing order, from which it no longer holds ("holds everywhere" if none, "never
+    holds" if it holds nowhere; a claim that holds again later is listed by its values)."""
+    points = sorted(content["points"], key=lambda p: float(p["value"]))
+    out = []
+    for ck in [c["key"] for c in points[0]["comparisons"]] if points else []:
+        verdicts = []
+        claim = ck
+        for p in points:
+            c = next((c for c in p["comparisons"] if c["key"] == ck), None)
+            claim = c["claim"] if c else claim
+            verdicts.append((p["value"], c["verdict"] if c else "—"))
+        holds = [v for v, d in verdicts if d == "holds"]
+        first_not = next((v for v, d in verdicts if d != "holds"), None)
+        if not holds:
+            at = "never holds"
+        elif first_not is None:
+            at = "holds everywhere"
+        else:
+            at = str(first_not)
+        out.append({"key": ck, "claim": claim, "holds_at": holds, "stops_at": at})
+    return out
 
 
 PSEUDO_FIGURES = (

@@ -176,6 +176,9 @@ def test_sweep_values_and_tables(tmp_path: Path) -> None:
     assert "| labeled only < CP | +5.0 ± 0.0 * (holds) | +5.0 ± 0.0 * (holds) |" in md
     assert "| cp: object recall % | 50.0 | 50.0 |" in md
     assert "| CP's q̂ (α = 0.05) | 0.99 | 0.99 |" in md
+    assert "| labeled only < CP | 0, 1 | holds everywhere |" in md
+    content["points"][1]["comparisons"][0]["verdict"] = "undecided"
+    assert A.stops(content)[0]["stops_at"] == "1"
     A.plot_sweep(content, tmp_path)
     for name in ("sweep_miou.png", "sweep_pseudo.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
