@@ -54,7 +54,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -530,7 +530,11 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         print(f"ablation: {key} has the same pseudo-labels as {twin}: its runs are {twin}'s")
     jobs = [(r, s) for r, s in train_jobs(rows, seeds) if r.key not in same_as]
     with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
-        list(pool.map(train, jobs))
+        futures = [pool.submit(train, j) for j in jobs]
+        for done in as_completed(futures):
+            if done.exception() is not None:  # stop at the first failure: start nothing more
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise done.exception()
 
     bg = m.meta.background_index
     background = m.classes[bg] if bg is not None else None
