@@ -326,6 +326,9 @@ def summarise(
             **{k: q.get(k) for k in ("kept_fraction", "kept_accuracy", "miou")},
             **(object_figures(q, background) if q else {}),
         }
+        if q.get("mean_reachable_miss"):  # method recall: its certified quantity, measured
+            miss = q["mean_reachable_miss"]
+            r["pseudo"]["mean_reachable_miss"] = {c: v for c, v in miss.items() if c != background}
         results.append(r)
     return results
 
@@ -558,7 +561,7 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         f"{tc.get('eval_every', '?')}. Pseudo-label columns: `calibrate evaluate` on the "
         f"{quality_set or '—'} images (object: mean over the non-background classes)."
     )
-    md = table(results, header, comps)
+    md = table(results, header, comps) + certified_lines(results, out / "pseudo")
     content = {
         "config": str(config),
         "data_set": parse_sets(opt.data_set),
@@ -603,6 +606,28 @@ def costs(out: Path, rows: list[Row], seeds: list[int], same_as: dict[str, str])
             cpu += sum(r["cpu_s"] for r in recs)
             wall += sum(r["wall_s"] for r in recs)
     return {"per_row": per_row, "total_cpu_s": cpu, "total_run_wall_s": wall}
+
+
+def certified_lines(results: list[dict[str, Any]], pseudo: Path) -> str:
+    """Markdown: for each recall-floor folder, ε, the certified classes, and per class the
+    certified quantity measured on the quality set (the mean miss rate of reachable pixels)."""
+    out, seen = [], set()
+    for r in results:
+        miss, calib = r["pseudo"].get("mean_reachable_miss"), r["calibration"]
+        if not miss or calib in seen:
+            continue
+        seen.add(calib)
+        rec = json.loads((pseudo / calib / "calibration.json").read_text())["recall"]
+        cells = ", ".join(
+            f"{c} {'—' if miss.get(c) is None else f'{miss[c]:.3f}'}"
+            + ("" if c in rec["certified"] else " (not certified)")
+            for c in (sel["cls"] for sel in rec["selection"])
+        )
+        out.append(
+            f"\n`{calib}`: certified E[miss rate] ≤ {rec['epsilon']} per class; measured on the "
+            f"{r['pseudo']['set']} images: {cells}.\n"
+        )
+    return "".join(out)
 
 
 def _qhat(folder: Path) -> float | None:
