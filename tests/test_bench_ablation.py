@@ -182,3 +182,38 @@ def test_sweep_values_and_tables(tmp_path: Path) -> None:
     A.plot_sweep(content, tmp_path)
     for name in ("sweep_miou.png", "sweep_pseudo.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_sweep_runs_each_value_and_keeps_the_configs_own_tables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the config's paths are relative
+    calls = []
+
+    def fake(opt: A.Options) -> dict:
+        calls.append(opt)
+        rows = [
+            {
+                "row": "cp",
+                "title": "cp",
+                "calibration": "cp",
+                "miou": {"0": 50.0, "1": 52.0},
+                "miou_ci": A.t_interval([50.0, 52.0]),
+                "pseudo": {},
+            }
+        ]
+        return {"annotator_val_miou": 0.4, "qhat": 0.9, "rows": rows, "comparisons": []}
+
+    monkeypatch.setattr(A, "run_ablation", fake)
+    opt = A.Options("configs/demo.toml", A.ROWS[2:3], [0, 1], 1, 1, [], [])
+    content = A.run_sweep(opt, "demo_gap=0.5,0.75", tmp_path / "sweep")
+    # the demo config's own gap (0.5) is the config itself; 0.75 a variant of it
+    assert [c.data_set for c in calls] == [[], ["demo_gap=0.75"]]
+    # every value's tables go to the sweep's folder, never over the config's own ablation
+    assert [c.report_dir for c in calls] == [
+        str(tmp_path / "sweep" / "demo_gap=0.5"),
+        str(tmp_path / "sweep" / "demo_gap=0.75"),
+    ]
+    assert [p["value"] for p in content["points"]] == [0.5, 0.75]
+    for name in ("sweep.md", "sweep.json", "sweep_miou.png", "sweep_pseudo.png"):
+        assert (tmp_path / "sweep" / name).is_file()
