@@ -6,8 +6,9 @@ calibration split miss it?
 The guarantee of ``calibrate run --method recall`` is in expectation over the calibration
 images and a new image (docs/calibrate.md). On a benchmark whose images all have labels (the
 demo: labeled, unlabeled and val), this script pools every labeled image of the cache and
-draws random splits of it: ``--n`` images (default: the manifest's labeled count) calibrate,
-the others are the new images. Per class and draw it selects the threshold exactly as the
+draws random splits of it: ``--n`` images (default: the manifest's labeled count, drawn from
+the images with full scores, as calibration needs) calibrate, the others are the new
+images. Per class and draw it selects the threshold exactly as the
 method does (:func:`calibrate.recall.select`) and measures the realised mean miss rate of
 the reachable pixels on the other images. Over the draws, the mean of that realised rate
 estimates what the guarantee bounds (≤ ε up to the printed standard error); the fraction of
@@ -30,43 +31,66 @@ sys.path.insert(0, str(ROOT))
 
 import annotate  # noqa: E402
 import data_manifest  # noqa: E402
+from calibrate import quantile as Q  # noqa: E402
 from calibrate import recall as C  # noqa: E402
 from calibrate import risk as R  # noqa: E402
+from calibrate import sets as S  # noqa: E402
 from calibrate import topk as T  # noqa: E402
 from data_manifest.config import load_config, run_dir  # noqa: E402
 from data_manifest.manifest import reduce_zero_label  # noqa: E402
 
 
-def pool_stats(mpath: Path, cpath: Path) -> tuple[list[str], list[str], dict[str, np.ndarray]]:
+def pool_stats(
+    mpath: Path, cpath: Path
+) -> tuple[list[str], list[str], dict[str, np.ndarray], list[np.ndarray]]:
     """Per-image :func:`calibrate.recall.stats_from` of every image with a label in the
-    cache, stacked (N, ...), with their ids and splits. Confidences are rounded to float16
-    when the cache holds top-k entries, as the method does."""
+    cache, stacked (N, ...), with their ids and splits, and each labeled image's LAC scores
+    1 − p_y (float32, for the paper's q̂: None for top-k entries, which cannot give them).
+    Confidences are rounded to float16 when the cache holds top-k entries, as the method
+    does."""
     m = data_manifest.load(mpath)
     cache = annotate.open_cache(cpath)
     k, bg = m.num_classes, m.meta.background_index
     quantize = 0 < cache.meta.topk < cache.num_classes
     present = set(cache.ids)
     grid = C.class_grid()
-    ids, splits, parts = [], [], []
+    ids, splits, parts, scores = [], [], [], []
     for r in m.rows:
         if r.label is None or r.id not in present:
             continue
-        x = T.read_unlabeled(cache, r.id) if cache.info(r.id)["mode"] == "topk" else None
-        if x is None:
-            f, pi, _ = C.foreground(cache.probs(r.id), bg, quantize)
-        else:
-            f, pi = C.top_foreground(x, bg)
         lab = m.read_label(r)
         if m.meta.reduce_zero_label:
             lab = reduce_zero_label(lab)
+        x = T.read_unlabeled(cache, r.id) if cache.info(r.id)["mode"] == "topk" else None
+        if x is None:
+            probs = cache.probs(r.id)
+            f, pi, _ = C.foreground(probs, bg, quantize)
+            scores.append(S.true_class_scores(probs, lab, "lac")[0])
+        else:
+            f, pi = C.top_foreground(x, bg)
+            scores.append(None)
         parts.append(C.stats_from(f, pi, lab, grid, k, bg))
         ids.append(r.id)
         splits.append(r.split)
-    return ids, splits, {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+    return ids, splits, {key: np.stack([p[key] for p in parts]) for key in parts[0]}, scores
+
+
+def paper_threshold(scores: list[np.ndarray | None], cal: np.ndarray, alpha: float) -> float:
+    """1 − q̂ of the paper's pixel-wise step on the calibration images (exact rank; top-k
+    entries, which have no scores, are left out of the pool of calibration candidates)."""
+    s = np.concatenate([scores[i] for i in np.flatnonzero(cal)])
+    rank = Q.conformal_rank(s.size, alpha)
+    q = np.float32(1.0) if rank > s.size else np.partition(s, rank - 1)[rank - 1]
+    return float(np.float32(1) - np.float32(q))
 
 
 def realised(
-    stats: dict[str, np.ndarray], cal: np.ndarray, eps: float, classes: list[str], bg: int | None
+    stats: dict[str, np.ndarray],
+    cal: np.ndarray,
+    eps: float,
+    classes: list[str],
+    bg: int | None,
+    fallback: float,
 ) -> list[dict]:
     """Select on the images ``cal`` (bool (N,)), measure on the others: per class, whether
     it is certified, its threshold, and the mean miss rate over the other images that have
@@ -74,7 +98,7 @@ def realised(
     grid = C.class_grid()
     summed = {key: v[cal].sum(0) for key, v in stats.items()}
     out = []
-    for s in C.select(summed, grid, eps, classes, bg):
+    for s in C.select(summed, grid, eps, classes, bg, fallback):
         c = classes.index(s.cls)
         rest = ~cal & (stats["present"][:, c] > 0)
         j = s.index
@@ -90,6 +114,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/demo.toml", help="run config")
     ap.add_argument("--miss", type=float, default=0.2, help="ε, the miss rate to certify")
+    ap.add_argument("--alpha", type=float, default=0.05, help="α of the paper's fallback q̂")
     ap.add_argument("--draws", type=int, default=2000, help="random calibration splits")
     ap.add_argument("--n", type=int, default=0, help="calibration images (0: the labeled count)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random splits")
@@ -100,21 +125,25 @@ def main() -> None:
     cpath = Path(cfg.get("annotate", {}).get("cache") or run_dir(cfg) / "cache.zarr")
     m = data_manifest.load(mpath)
     classes, bg = list(m.classes), m.meta.background_index
-    ids, splits, stats = pool_stats(mpath, cpath)
+    ids, splits, stats, scores = pool_stats(mpath, cpath)
+    with_scores = np.array([sc is not None for sc in scores])
     n_cal = args.n or sum(s == "labeled" for s in splits)
     rng = np.random.default_rng(args.seed)
     fg = [c for i, c in enumerate(classes) if i != bg]
     draws = {c: {"miss": [], "certified": 0, "tau": []} for c in fg}
     for _ in range(args.draws):
         cal = np.zeros(len(ids), bool)
-        cal[rng.choice(len(ids), size=n_cal, replace=False)] = True
-        for r in realised(stats, cal, args.miss, classes, bg):
+        cal[rng.choice(np.flatnonzero(with_scores), size=n_cal, replace=False)] = True
+        fallback = paper_threshold(scores, cal, args.alpha)
+        for r in realised(stats, cal, args.miss, classes, bg, fallback):
             d = draws[r["cls"]]
             d["certified"] += r["certified"]
             if r["certified"] and r["miss"] is not None:
                 d["miss"].append(r["miss"])
                 d["tau"].append(r["tau"])
-    own = realised(stats, np.array([s == "labeled" for s in splits]), args.miss, classes, bg)
+    labeled = np.array([s == "labeled" for s in splits])
+    own_fallback = paper_threshold(scores, labeled, args.alpha)
+    own = realised(stats, labeled, args.miss, classes, bg, own_fallback)
     result = {
         "config": args.config,
         "epsilon": args.miss,

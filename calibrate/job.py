@@ -382,8 +382,10 @@ def run(
                 risk_fig = risk_figures(stats, conf, bool(plan.held))
                 tau = risk_fig["tau"]
             else:
+                # the paper's threshold, for classes too rare in the labeled images to certify
+                fallback = {k: float(1 - np.float32(v["pooled"][ia])) for k, v in qinfo.items()}
                 classes = list(manifest.classes)
-                risk_fig = recall_figures(stats, conf, bool(plan.held), classes, ctx.background)
+                risk_fig = recall_figures(stats, conf, classes, ctx.background, fallback)
             timings[f"{conf.method}_s"] = time.perf_counter() - t
         rules = make_rules(conf, ctx, qmat, ia, tau, risk_fig, quantize)
         png_rule = rules["pngs"]
@@ -670,30 +672,40 @@ def risk_figures(stats: dict, conf: CalibrateConfig, has_held: bool) -> dict[str
 
 
 def recall_figures(
-    stats: dict, conf: CalibrateConfig, has_held: bool, classes: list[str], background: int | None
+    stats: dict,
+    conf: CalibrateConfig,
+    classes: list[str],
+    background: int | None,
+    fallback: dict[str, float],
 ) -> dict[str, Any]:
     """Method "recall": per-class thresholds from all labeled images (the PNGs) and from the
     calibration part (the held-out figures), what certifies them, and per class the mean miss
-    rate, recall and precision on held-out and val images."""
+    rate, recall and precision on held-out and val images.
+
+    Args:
+        fallback: the threshold of classes that cannot be certified, from all labeled images
+            ("all") and from the calibration part ("cal"): the paper's 1 − q̂ of each.
+    """
     grid = C.class_grid()
     every = merge(stats.get("cal"), stats.get("held"))
     if not every or not every["images"]:
         raise UserError("method recall: no labeled image has a labeled pixel to calibrate on")
-    sel = C.select(every, grid, conf.miss, classes, background)
+    sel = C.select(every, grid, conf.miss, classes, background, fallback["all"])
     out: dict[str, Any] = {
         "epsilon": conf.miss,
         "loss": "per image and class c present in it: 1 - (pixels of c labeled c) / (pixels of c)",
         "guarantee": C.GUARANTEE,
         "background_index": background,
         "thresholds": C.thresholds(sel, classes),
+        "fallback": fallback["all"],
         "certified": [s.cls for s in sel if s.certified],
         "not_certified": [s.cls for s in sel if not s.certified],
         "selection": [s.to_json() for s in sel],
         "held_out": None,
         "val": C.at(stats.get("val"), sel, classes) if stats.get("val") else None,
     }
-    if has_held and stats.get("cal"):
-        held_sel = C.select(stats["cal"], grid, conf.miss, classes, background)
+    if "cal" in fallback and stats.get("cal"):
+        held_sel = C.select(stats["cal"], grid, conf.miss, classes, background, fallback["cal"])
         out["held_out"] = {
             "thresholds": C.thresholds(held_sel, classes),
             "certified": [s.cls for s in held_sel if s.certified],

@@ -32,9 +32,11 @@ union of class c on the calibration images (pooled over all their pixels of c): 
 foreground pixels as the floor needs, more where they pay in IoU, none that cost it.
 
 A class is *not certified* when it has too few images: (0 + 1)/(N_c + 1) > ε, i.e.
-N_c < 1/ε − 1 (9 images for ε = 0.1, 1 for ε = 0.5). Its threshold is then the IoU-best one
-over the whole grid, without a guarantee; with N_c = 0 it is never labeled. The report lists
-such classes.
+N_c < 1/ε − 1 (9 images for ε = 0.1, 4 for ε = 0.2), none included. It then gets the
+paper's threshold, 1 − q̂ of the pixel-wise conformal step at the run's α (rounded down to
+the grid, so it labels c at least where the paper's rule would), without a guarantee: where
+the labeled images cannot certify a class, the rule does what the paper's rule does. The
+report lists such classes.
 
 Counted in one Dask pass (:func:`calibrate.tasks.labeled_stats`): every labeled image
 contributes, per class and grid threshold, its pixel counts and its miss rate in fixed point
@@ -314,10 +316,17 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def select(
-    stats: dict, grid: np.ndarray, eps: float, classes: list[str], background: int | None
+    stats: dict,
+    grid: np.ndarray,
+    eps: float,
+    classes: list[str],
+    background: int | None,
+    fallback: float,
 ) -> list[ClassSelection]:
     """Per non-background class: the certified range and the threshold in it (see the module
-    docstring), from the summed :func:`image_stats` of the calibration images.
+    docstring), from the summed :func:`image_stats` of the calibration images. ``fallback``:
+    the threshold of a class that cannot be certified (the paper's 1 − q̂), rounded down to
+    the grid.
 
     Returns:
         One :class:`ClassSelection` per class, the background's omitted.
@@ -332,19 +341,16 @@ def select(
         iou = np.where(union > 0, tp / np.maximum(union, 1), 0.0)
         stat = (stats["loss"][c].astype(np.float64) / R.SCALE + 1.0) / (n_img + 1)
         ok = np.flatnonzero(stat <= eps)  # non-increasing along the grid, ≤ ε at t = 0 if any
-        if n_img == 0:
-            note = "no labeled image has reachable pixels of this class: never labeled"
-            j = bound = -1
-        elif ok.size:
+        if ok.size:
             bound = int(ok[0])
             j = bound + int(np.argmax(iou[bound:]))  # IoU-best within the certified range
             note = ""
         else:
             bound = -1
-            j = int(np.argmax(iou))
+            j = int(np.flatnonzero(grid <= np.float32(fallback))[0])
             note = (
                 f"not certified: N = {n_img} images give at best 1/(N+1) = "
-                f"{1 / (n_img + 1):.4g} > ε = {eps}; its threshold is the IoU-best one"
+                f"{1 / (n_img + 1):.4g} > ε = {eps}; it takes the paper's threshold 1 − q̂"
             )
         keep = j >= 0
         out.append(

@@ -156,7 +156,7 @@ def test_selection_by_brute_force() -> None:
     n, g = 9, GRID.size
     loss = np.sort(rng.random((n, g)), axis=1)[:, ::-1] * np.linspace(0.6, 0, g)
     tp = np.minimum.accumulate(np.linspace(0, 90, g).astype(np.int64)[::-1])[::-1]
-    sel = C.select(_stats(loss, tp), GRID, 0.2, ["bg", "obj"], 0)[0]
+    sel = C.select(_stats(loss, tp), GRID, 0.2, ["bg", "obj"], 0, fallback=0.5)[0]
     lf = (loss * R.SCALE).astype(np.int64).sum(0) / R.SCALE
     ok = [j for j in range(g) if (lf[j] + 1) / (n + 1) <= 0.2]
     assert sel.certified and sel.bound_index == min(ok)
@@ -165,13 +165,17 @@ def test_selection_by_brute_force() -> None:
     assert sel.tau == float(GRID[sel.index]) and sel.statistic <= 0.2
 
 
-def test_too_few_images_are_reported_not_certified() -> None:
+def test_classes_too_rare_to_certify_take_the_papers_threshold() -> None:
     loss = np.zeros((3, GRID.size))
-    sel = C.select(_stats(loss, np.zeros(GRID.size, np.int64)), GRID, 0.2, ["bg", "x"], 0)[0]
-    assert not sel.certified and sel.bound_index == -1 and "1/(N+1) = 0.25 > ε = 0.2" in sel.note
-    empty = _stats(np.zeros((0, GRID.size)), np.zeros(GRID.size, np.int64))
-    none = C.select(empty, GRID, 0.2, ["bg", "x"], 0)[0]
-    assert none.index == -1 and none.tau > 1 and "never labeled" in none.note
+    tp = np.zeros(GRID.size, np.int64)
+    sel = C.select(_stats(loss, tp), GRID, 0.2, ["bg", "x"], 0, fallback=0.0123)[0]
+    assert not sel.certified and sel.bound_index == -1
+    assert "1/(N+1) = 0.25 > ε = 0.2" in sel.note and "paper's threshold" in sel.note
+    # rounded down to the grid: it labels the class wherever the paper's rule would
+    assert sel.tau <= 0.0123 and GRID[sel.index - 1] > 0.0123
+    empty = _stats(np.zeros((0, GRID.size)), tp)
+    none = C.select(empty, GRID, 0.2, ["bg", "x"], 0, fallback=0.0123)[0]
+    assert none.images == 0 and not none.certified and none.tau == sel.tau
     assert C.thresholds([none], ["bg", "x"]) == (0.0, none.tau)
 
 
@@ -228,7 +232,7 @@ def test_crc_expected_miss_rate_is_at_most_epsilon(pool: dict[str, np.ndarray]) 
     for t in range(trials):
         idx = rng.integers(0, len(present), size=n)
         stats = {k: v[idx].sum(0) for k, v in pool.items()}
-        sel = C.select(stats, GRID, eps, classes, 0)
+        sel = C.select(stats, GRID, eps, classes, 0, fallback=0.0)
         for s in sel:
             c = classes.index(s.cls)
             bound = s.bound_index if s.certified else GRID.size - 1  # CRC's convention
@@ -382,3 +386,23 @@ def test_resized_topk_entries_are_refused_in_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 1
     assert "method 'recall' cannot rank its classes exactly" in res.output
     assert res.output.count("\n") == 1 and not out.exists()
+
+
+def test_uncertified_classes_get_the_runs_own_paper_threshold(
+    ds: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ε = 0.04 needs 24 images per class: rarer classes take 1 − q̂ of this very run."""
+    mpath, cpath = ds
+    out = tmp_path / "strict"
+    res = calibrate_run(mpath, cpath, out, "--method", "recall", "--miss", "0.04")
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "calibration.json").read_text())
+    fig = rep["recall"]
+    assert fig["not_certified"], "expected a class too rare to certify at ε = 0.04"
+    fallback = float(1 - np.float32(rep["qhat"]))
+    assert fig["fallback"] == pytest.approx(fallback, rel=0, abs=0)
+    for s in fig["selection"]:
+        if not s["certified"]:
+            assert s["images"] < 24 and s["tau"] == float(GRID[GRID <= np.float32(fallback)][0])
+        else:
+            assert s["images"] >= 24
