@@ -141,7 +141,7 @@ def main() -> None:
             if r["certified"] and r["miss"] is not None:
                 d["miss"].append(r["miss"])
                 d["tau"].append(r["tau"])
-    labeled = np.array([s == "labeled" for s in splits])
+    labeled = np.array([s == "labeled" for s in splits])  # the manifest's own split
     own_fallback = paper_threshold(scores, labeled, args.alpha)
     own = realised(stats, labeled, args.miss, classes, bg, own_fallback)
     result = {
@@ -179,8 +179,48 @@ def main() -> None:
             f"{c:12s} {d['certified'] / args.draws:9.2f} {x.mean():10.3f} {2 * se:7.3f} "
             f"{(x > args.miss).mean():12.2f} {np.median(d['tau']):9.3g} {own_txt:>26s}"
         )
+    result["precision_at_papers_recall"] = precision_table(
+        stats, ~labeled, own_fallback, classes, bg
+    )
+    print(
+        "\nthe best precision any per-class threshold reaches while labeling a class wherever the "
+        "paper's rule does (t_c ≤ 1 − q̂ of the manifest split), on the images other than the "
+        "labeled ones:"
+    )
+    print(f"{'class':12s} {'paper recall':>12s} {'paper precision':>15s} {'best precision':>14s}")
+    for c, v in result["precision_at_papers_recall"].items():
+        print(f"{c:12s} {v['recall']:12.3f} {v['precision']:15.3f} {v['best_precision']:14.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def precision_table(
+    stats: dict[str, np.ndarray],
+    rows: np.ndarray,
+    t_paper: float,
+    classes: list[str],
+    bg: int | None,
+) -> dict[str, dict[str, float]]:
+    """Per class, pooled over the images ``rows``: recall and precision of label c at the
+    paper's threshold (the grid value at or below ``t_paper``), and the highest precision at
+    any grid threshold at or below it, i.e. with at least the paper's recall of c (a
+    class-separable rule labels c at t_c ≤ t_paper wherever it does at t_paper)."""
+    grid = C.class_grid()
+    j0 = int(np.flatnonzero(grid <= np.float32(t_paper))[0])
+    out = {}
+    for c, name in enumerate(classes):
+        if c == bg:
+            continue
+        tp = stats["tp"][rows, c].sum(0).astype(np.float64)
+        claimed = stats["claimed"][rows, c].sum(0).astype(np.float64)
+        n = float(stats["pixels"][rows, c].sum())
+        prec = np.where(claimed > 0, tp / np.maximum(claimed, 1), 0.0)
+        out[name] = {
+            "recall": tp[j0] / n if n else float("nan"),
+            "precision": float(prec[j0]),
+            "best_precision": float(prec[j0:].max()),
+        }
+    return out
 
 
 if __name__ == "__main__":
