@@ -8,6 +8,11 @@ from typing import Literal
 from data_manifest.manifest import SPLITS
 
 DEFAULT_SPLITS = ("labeled", "unlabeled", "val")
+# Upper bounds of values that size what is held in memory at once (a typo such as 100000x100000
+# must fail here, not by exhausting the machine): a model input side, image loading threads
+# (each keeps two batches in flight).
+MAX_SIDE = 8192
+MAX_WORKERS = 64
 DEMO_MODEL = "data/demo/annotator/best.pt"
 DEMO_TRAIN_CONFIG = "configs/demo_annotator.toml"
 
@@ -51,19 +56,22 @@ class AnnotateConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"batch_size = {self.batch_size}: expected an integer >= 1")
-        if self.workers < 0:
-            raise ValueError(f"workers = {self.workers}: expected an integer >= 0")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers = {self.workers}: expected an integer in [0, {MAX_WORKERS}]")
         if self.topk < -1 or self.topk > 255:
             raise ValueError(f"topk = {self.topk}: expected -1 (auto), 0 (off) or 1..255")
-        if self.input_size and (len(self.input_size) != 2 or min(self.input_size) < 8):
+        if self.input_size and (
+            len(self.input_size) != 2
+            or not 8 <= min(self.input_size) <= max(self.input_size) <= MAX_SIDE
+        ):
             raise ValueError(
                 f"input_size = {list(self.input_size)!r}: expected [] (each image "
-                "at its own size) or [height, width] with both >= 8"
+                f"at its own size) or [height, width], both in [8, {MAX_SIDE}]"
             )
-        if self.input_short_side != 0 and self.input_short_side < 32:
+        if self.input_short_side != 0 and not 32 <= self.input_short_side <= MAX_SIDE:
             raise ValueError(
                 f"input_short_side = {self.input_short_side}: expected 0 (each image at its "
-                "own size) or a number of pixels >= 32 (SEEM's default: 512)"
+                f"own size) or a number of pixels in [32, {MAX_SIDE}] (SEEM's default: 512)"
             )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"
