@@ -10,6 +10,7 @@ METHODS = ("cp", "raw", "threshold", "risk")
 RISK_CONTROLS = ("crc", "ltt")
 BACKGROUND_RULES = ("auto", "prefer_foreground", "most_probable")
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+MAX_WORKERS = 256  # threads or processes started here; a larger number exhausts the machine
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,11 @@ class CalibrateConfig:
             raise ValueError(
                 f"held_out_fraction = {self.held_out_fraction!r}: expected a number in [0, 1)"
             )
-        if self.workers < 0:
-            raise ValueError(f"workers = {self.workers!r}: expected >= 0 (0 = one per core)")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(
+                f"workers = {self.workers!r}: expected >= 0 (0 = one per core) and at most "
+                f"{MAX_WORKERS}"
+            )
         if self.batch < 1:
             raise ValueError(f"batch = {self.batch!r}: expected >= 1")
         if self.overlays < 0:

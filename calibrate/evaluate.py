@@ -27,16 +27,21 @@ import numpy as np
 
 from annotate.cache import Cache, open_cache
 from calibrate import risk as R
+from calibrate.folder import check_pseudo_folder, refuse_incomplete
 from calibrate.job import check_inputs
+from calibrate.merge import merge
 from calibrate.rules import Rule, label_image
-from calibrate.runner import Runner, merge
+from calibrate.runner import Runner
 from calibrate.tasks import Item, _cache, load
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_path, atomic_write_json, read_label_png
 from data_manifest.manifest import IGNORE_INDEX, Manifest, id_path, reduce_zero_label
+from data_manifest.ownership import claim, holding, writer_lock
 
 SCHEMA = 1
 SETS = ("unlabeled", "held_out", "val")
+OWNER = "calibrate evaluate"
+OUTPUTS = ("evaluation.json", "risk_coverage.png")
 
 
 @dataclass(frozen=True)
@@ -74,8 +79,10 @@ def read_report(path: Path) -> dict[str, Any]:
     """A folder's calibration.json, checked for the fields evaluate reads.
 
     Raises:
-        UserError: not an output folder of ``calibrate run``, or an unreadable report.
+        UserError: not an output folder of ``calibrate run``, one a run has not finished, or
+            an unreadable report.
     """
+    refuse_incomplete(path)
     rep_path = path / "calibration.json"
     if not rep_path.is_file():
         raise UserError(
@@ -97,20 +104,15 @@ def read_report(path: Path) -> dict[str, Any]:
 
 
 def check_manifest(path: Path, manifest: Manifest) -> dict[str, Any]:
-    """A folder's calibration.json, checked to come from ``manifest`` (its fingerprint).
+    """A folder's calibration.json, after the check every reader of a pseudo-label folder
+    applies (:func:`calibrate.folder.check_pseudo_folder`: finished, made from ``manifest``,
+    PNGs as recorded).
 
     Raises:
-        UserError: not a calibrate output, or made from another manifest.
+        UserError: not a calibrate output, unfinished, made from another manifest, or changed.
     """
-    rep = read_report(path)
-    fp = rep["manifest"]["fingerprint"]
-    if fp != manifest.fingerprint:
-        raise UserError(
-            f"{path / 'calibration.json'}: manifest fingerprint {fp[:16]!r} but manifest "
-            f"{manifest.path} has {manifest.fingerprint[:16]!r}; expected pseudo-labels made "
-            "from this manifest"
-        )
-    return rep
+    check_pseudo_folder(path, manifest, verify=True, need_report=True)
+    return read_report(path)
 
 
 def read_folder(path: Path, manifest: Manifest, cache: Cache) -> Folder:
@@ -334,14 +336,15 @@ def run(
         folders=tuple(folders),
     )
     batches = [items[i : i + batch] for i in range(0, len(items), batch)]
-    with Runner(scheduler, workers, show_progress) as runner:
+    with Runner(scheduler, workers, show_progress, ("calibrate.evaluate",)) as runner:
         res = runner.map_reduce(
             count_batch, batches, "evaluate", unit_per_batch=[len(b) for b in batches], ctx=ctx
         )
     result = summarise(res or {}, manifest, cache, folders)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "evaluation.json", result)
-    plot(result, out_dir / "risk_coverage.png")
+    with writer_lock(out_dir, "python -m calibrate evaluate"):
+        claim(out_dir, OWNER, "--out-dir", legacy=holding(*OUTPUTS))
+        atomic_write_json(out_dir / "evaluation.json", result)
+        plot(result, out_dir / "risk_coverage.png")
     return result
 
 
