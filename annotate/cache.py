@@ -550,8 +550,9 @@ class Cache:
         there, and each chunk must have the size recorded when it was written. With ``full``
         every chunk is also decoded (zstd checks its checksum), which finds any changed byte
         but reads all data. Images written before sizes and checksums were recorded (earlier
-        versions) are checked as far as zarr's own format allows: present chunks non-empty
-        and decodable.
+        versions) are checked as far as zarr's own format allows: their chunks must be
+        non-empty and (``full``) decodable, and a missing chunk reads as zarr reads it (all
+        fill value: zarr itself leaves such chunks unwritten).
 
         Returns:
             ``(id, file, reason)`` per damaged image, in the order of ``ids``.
@@ -770,7 +771,11 @@ def check_writable_by(have: CacheMeta, want: CacheMeta, where: str) -> None:
 def holds_nothing(path: str | os.PathLike) -> bool:
     """True for a cache without images or temporaries (only its metadata)."""
     images = Path(path) / "images"
-    return (Path(path) / "zarr.json").is_file() and all(n == ".keep" for n in os.listdir(images))
+    return (
+        (Path(path) / "zarr.json").is_file()
+        and images.is_dir()
+        and all(n == ".keep" for n in os.listdir(images))
+    )
 
 
 def reset_if_empty(path: str | os.PathLike, meta: CacheMeta) -> CacheWriter | None:
@@ -801,10 +806,7 @@ def writer_lock(path: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> Any
     path = Path(path)
     i, n = shard
     return lock(
-        path,
-        "python -m annotate run",
-        lock=path.parent / f".{path.name}.lock",
-        part=None if n == 1 else f"{i}-of-{n}",
+        path, lock=path.parent / f".{path.name}.lock", part=None if n == 1 else f"{i}-of-{n}"
     )
 
 

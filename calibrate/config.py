@@ -11,6 +11,7 @@ RISK_CONTROLS = ("crc", "ltt")
 BACKGROUND_RULES = ("auto", "prefer_foreground", "most_probable")
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
 MAX_WORKERS = 256  # threads or processes started here; a larger number exhausts the machine
+MAX_OVERLAYS = 64  # rows of one figure
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,8 @@ class CalibrateConfig:
             )
         if self.batch < 1:
             raise ValueError(f"batch = {self.batch!r}: expected >= 1")
-        if self.overlays < 0:
-            raise ValueError(f"overlays = {self.overlays!r}: expected >= 0")
+        if not 0 <= self.overlays <= MAX_OVERLAYS:
+            raise ValueError(f"overlays = {self.overlays!r}: expected 0 to {MAX_OVERLAYS}")
         s = self.scheduler
         if s not in ("threads", "processes", "synchronous") and not s.startswith("tcp://"):
             raise ValueError(

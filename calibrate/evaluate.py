@@ -27,7 +27,7 @@ import numpy as np
 
 from annotate.cache import Cache, open_cache
 from calibrate import risk as R
-from calibrate.folder import check_pseudo_folder, refuse_incomplete
+from calibrate.folder import check_pseudo_folder, refuse_changed, refuse_incomplete, state
 from calibrate.job import check_inputs
 from calibrate.merge import merge
 from calibrate.rules import Rule, label_image
@@ -304,7 +304,9 @@ def run(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the folders; writes ``evaluation.json`` and ``risk_coverage.png`` into
-    ``out_dir`` and returns the JSON content."""
+    ``out_dir`` and returns the JSON content. A folder that a calibrate run changed while it
+    was read is refused (:func:`calibrate.folder.refuse_changed`)."""
+    before = [state(p) for p in folder_paths]
     for p in folder_paths:
         check_manifest(p, manifest)
     cache = open_cache(cache_path)
@@ -340,8 +342,10 @@ def run(
         res = runner.map_reduce(
             count_batch, batches, "evaluate", unit_per_batch=[len(b) for b in batches], ctx=ctx
         )
+    for p, b in zip(folder_paths, before, strict=True):
+        refuse_changed(p, b, "this evaluation", "evaluate again")
     result = summarise(res or {}, manifest, cache, folders)
-    with writer_lock(out_dir, "python -m calibrate evaluate"):
+    with writer_lock(out_dir):
         claim(out_dir, OWNER, "--out-dir", legacy=holding(*OUTPUTS))
         atomic_write_json(out_dir / "evaluation.json", result)
         plot(result, out_dir / "risk_coverage.png")

@@ -192,6 +192,8 @@ def check_pseudo_folder(
         UserError: the first check that fails, in one line.
     """
     d = Path(pseudo_dir)
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{d}: is a file; expected a folder of pseudo-label PNGs")
     refuse_incomplete(d)
     report = _read_report(d)
     if report is None:
@@ -211,6 +213,29 @@ def check_pseudo_folder(
             f"(fingerprint {manifest.fingerprint[:12]}): run python -m calibrate run on it"
         )
     return _check_pngs(d, report, [r.id for r in manifest.split("unlabeled")], verify)
+
+
+def state(pseudo_dir: str | os.PathLike) -> tuple[str | None, bool]:
+    """(sha256 of the report or None, whether the folder is marked incomplete): a reader that
+    takes this before and after reading the folder knows whether a calibrate run changed it
+    meanwhile (readers take no lock: they write nothing into calibrate's folder)."""
+    d = Path(pseudo_dir)
+    report = d / REPORT
+    return (digest(report) if report.is_file() else None), (d / MARKER).is_file()
+
+
+def refuse_changed(
+    pseudo_dir: str | os.PathLike, before: tuple[str | None, bool], use: str, again: str
+) -> None:
+    """Raise when :func:`state` of the folder differs from ``before``: ``use`` (``"the run in
+    runs/x"``) read two sets of pseudo-labels; ``again`` says what to do (``"train again with
+    --restart"``)."""
+    if state(pseudo_dir) != before:
+        raise UserError(
+            f"{pseudo_dir}: a calibrate run changed the pseudo-labels while {use} read them; "
+            f"expected them unchanged ({use} mixed two sets): {again} once the folder is "
+            "complete"
+        )
 
 
 def nothing_kept(pseudo_dir: str | os.PathLike) -> bool:

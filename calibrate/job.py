@@ -349,7 +349,7 @@ def run(
     plan = check_inputs(manifest, cache, conf.held_out_fraction, seed)
     bg = background_index(manifest, conf)
     check_writable(out_dir, option)
-    with writer_lock(out_dir, "python -m calibrate run"):
+    with writer_lock(out_dir):
         check_writable(out_dir, option)  # again: another run may have written it meanwhile
         return _run(manifest, conf, cache, plan, bg, out_dir, seed, resolved, show_progress, t0)
 

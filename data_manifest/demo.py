@@ -455,7 +455,7 @@ def generate(
     if not force and is_generated(root, params):
         return root / "target" / "manifest.jsonl"
     check_root(root, option)
-    with writer_lock(root, "python -m data_manifest demo"):
+    with writer_lock(root):
         claim(root, OWNER, option, legacy=lambda p: (p / MARKER).is_file())
         if force or not is_generated(root, params):
             _generate(root, params, tick)

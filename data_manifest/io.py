@@ -85,12 +85,10 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
 
 
 def not_found(path: Path) -> str:
-    """Why ``path`` is not a readable file: ``"file not found"``, or a link to nothing."""
-    return (
-        "a symbolic link to nothing (a loop, or its target is gone)"
-        if path.is_symlink()
-        else ("file not found")
-    )
+    """Why ``path`` is not a file: ``"file not found"``, or a link to nothing."""
+    if path.is_symlink():
+        return "file is a symbolic link to nothing (a loop, or its target is gone)"
+    return "file not found"
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

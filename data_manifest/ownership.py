@@ -37,6 +37,11 @@ from pathlib import Path
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_text
 
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no locks (each writer_lock is then a no-op)
+    fcntl = None  # type: ignore[assignment]
+
 OWNER_FILE = ".conformalsam-owner"
 LOCK_FILE = ".conformalsam.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -123,26 +128,39 @@ def claim(
 
 
 # -- locks -------------------------------------------------------------------------------------
+def _command_line() -> str:
+    """This process's command line as the user typed it (``python -m calibrate run ...``)."""
+    head, *args = sys.argv or [""]
+    path = Path(head)
+    if path.name == "__main__.py":
+        head = f"python -m {path.parent.name}"
+    else:
+        head = path.name
+    return " ".join([head, *args])
+
+
+def _details(mode: str) -> bytes:
+    """What a lock file says about its holder."""
+    info = {
+        "mode": mode,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": _command_line(),
+    }
+    return json.dumps(info).encode()
+
+
 def _holder_text(path: Path) -> str:
-    """What the lock file says about its holder, as a phrase for the message."""
+    """The message's account of the holder of a lock file."""
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+        return (
+            f"another run is {info['mode']} it (pid {info['pid']} on {info['host']}, started "
+            f"{info['started']}: {info['command']})"
+        )
     except (OSError, ValueError, KeyError, TypeError):
-        return "a process that has not written its details yet"
-
-
-def _describe_self() -> str:
-    return json.dumps(
-        {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(
-                os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)
-            ),
-        }
-    )
+        return "another run is using it (it has not written its details yet)"
 
 
 def _warn_no_locks(path: Path, exc: OSError) -> None:
@@ -164,9 +182,10 @@ def _try_lock(path: Path, shared: bool) -> int | None:
 
     Raises:
         BlockingIOError: another process holds a conflicting lock.
+        OSError: the lock file cannot be created (named as its folder).
     """
-    import fcntl
-
+    if fcntl is None:
+        return None
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -193,8 +212,6 @@ def _release(path: Path, fd: int | None) -> None:
     """Remove the lock file if no one else holds it (we can hold it exclusively), then close."""
     if fd is None:
         return
-    import fcntl
-
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with contextlib.suppress(FileNotFoundError):
@@ -208,8 +225,8 @@ def _release(path: Path, fd: int | None) -> None:
 def _locked_by_other(path: Path, exclusive: bool) -> bool:
     """Whether another process holds a lock on ``path`` that excludes a shared (``exclusive``
     True: any) lock, tested without keeping one."""
-    import fcntl
-
+    if fcntl is None:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -223,31 +240,56 @@ def _locked_by_other(path: Path, exclusive: bool) -> bool:
         os.close(fd)
 
 
-def _busy(folder: Path, what: str, lock: Path) -> UserError:
-    """The refusal naming the live holder of ``lock``: its own details when it is held
-    exclusively, else those of a writer of one part (whose part file is held)."""
+def _busy(folder: Path, lock: Path, whole: bool) -> UserError:
+    """The refusal naming the live holder of ``lock``. A part's lock, or a ``whole`` lock held
+    exclusively, says who holds it; a whole lock held shared only (by writers of parts) is
+    named by a part whose own file is held."""
     holder = lock
-    if not _locked_by_other(lock, exclusive=False):  # shared holders only: writers of parts
+    if whole and not _locked_by_other(lock, exclusive=False):
         live = [p for p in sorted(lock.parent.glob(lock.name + ".*")) if _locked_by_other(p, True)]
         holder = live[0] if live else lock
     return UserError(
-        f"{folder}: another {what} is writing it ({_holder_text(holder)}); expected one writer "
-        "at a time: wait for it to finish (or stop it), then run again"
+        f"{folder}: {_holder_text(holder)}; expected one writer at a time: wait for it to "
+        "finish (or stop it), then run again"
     )
 
 
 @contextlib.contextmanager
+def _holding(
+    folder: Path, lock: Path, mine: Path, mode: str, created: list[Path]
+) -> Iterator[None]:
+    """Hold ``lock`` (exclusively when it is ``mine``, else shared) and ``mine`` exclusively,
+    with this process's details in ``mine``; release both and remove ``created`` folders if
+    they are empty."""
+    held: list[tuple[Path, int | None]] = []
+    try:
+        for path in dict.fromkeys((lock, mine)):
+            try:
+                held.append((path, _try_lock(path, shared=path != mine)))
+            except BlockingIOError:
+                raise _busy(folder, path, whole=path == lock) from None
+        fd = held[-1][1]
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _details(mode), 0)
+        yield
+    finally:
+        for path, fd in reversed(held):
+            _release(path, fd)
+        for d in reversed(created):  # folders made only for the lock, if still empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
 def writer_lock(
     folder: str | os.PathLike,
-    what: str,
     lock: str | os.PathLike | None = None,
     part: str | None = None,
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Hold the exclusive lock of ``folder`` (created if absent) while the block runs.
 
     Args:
         folder: the folder being written (named in the message).
-        what: the writer, for the message (``"python -m calibrate run"``).
         lock: the lock file; default ``folder/.conformalsam.lock``.
         part: write only part of the folder: hold ``lock`` shared and ``<lock>.<part>``
             exclusively, so that writers of distinct parts run together (annotate's shards,
@@ -259,24 +301,7 @@ def writer_lock(
     lock = Path(lock) if lock is not None else folder / LOCK_FILE
     created = _make_parents(lock.parent)
     mine = lock if part is None else lock.parent / f"{lock.name}.{part}"
-    held: list[tuple[Path, int | None]] = []
-    try:
-        for path in dict.fromkeys((lock, mine)):
-            try:
-                held.append((path, _try_lock(path, shared=path != mine)))
-            except BlockingIOError:
-                raise _busy(folder, what, path) from None
-        fd = held[-1][1]
-        if fd is not None:  # the file held exclusively says who holds it
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, _describe_self().encode(), 0)
-        yield
-    finally:
-        for path, fd in reversed(held):
-            _release(path, fd)
-        for d in reversed(created):  # folders made only for the lock, if still empty
-            with contextlib.suppress(OSError):
-                d.rmdir()
+    return _holding(folder, lock, mine, "writing", created)
 
 
 def _make_parents(folder: Path) -> list[Path]:

@@ -99,6 +99,11 @@ def resolve_manifest(cfg: dict[str, Any], manifest: str | None = None, quiet: bo
                     demo.generate(
                         dc.demo_root, params, tick=lambda: bar.advance(task), option=option
                     )
+    if path.is_dir():
+        raise UserError(
+            f"{source}: [data] manifest = {str(path)!r} is a folder; expected a manifest.jsonl "
+            "made by python -m data_manifest build"
+        )
     if not path.is_file():
         hint = f" (demo = true writes {dc.demo_root}/source and /target)" if dc.demo else ""
         raise UserError(

@@ -12,7 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from calibrate.folder import check_pseudo_folder, nothing_kept
+from calibrate.folder import check_pseudo_folder, nothing_kept, refuse_changed
+from calibrate.folder import state as pseudo_state
 from data_manifest.cli_support import (
     check_not_same_file,
     check_output_dir,
@@ -158,7 +159,8 @@ def fit(
         )
     writer = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 writes the folder
     try:
-        with writer_lock(out_dir, "python -m train fit") if writer else contextlib.nullcontext():
+        before = pseudo_state(pdir)
+        with writer_lock(out_dir) if writer else contextlib.nullcontext():
             run_fit(
                 tcfg,
                 manifest=m,
@@ -169,6 +171,8 @@ def fit(
                 resolved=resolved,
                 show_progress=not is_quiet(),
             )
+        if tcfg.uses_pseudo:
+            refuse_changed(pdir, before, f"the run in {out_dir}", "train again with --restart")
     except UserError as exc:  # "[train] key = ...": name the option or the config file
         if not str(exc).startswith("[train] "):
             raise
@@ -186,7 +190,7 @@ def fit(
 
 # Upper bounds of the values that size what is held in memory at once: beyond them a typo
 # (crop = 32100, scale_max = 200) exhausts the machine instead of failing.
-LIMITS = {"crop": 4096, "eval_crop": 8192, "batch_size": 1024, "accum_steps": 1024}
+LIMITS = {"crop": 4096, "eval_crop": 8192, "batch_size": 1024, "accum_steps": 1024, "workers": 64}
 SCALE_MAX = 8.0  # UniMatch and AllSpark use 2.0
 
 
@@ -212,8 +216,11 @@ def _check_inference_options(split: str, mode: str, crop: int, stride: int, devi
     if mode not in ("whole", "sliding"):
         raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
     for name, value in (("--crop", crop), ("--stride", stride)):
-        if value < 1:
-            raise UserError(f"{name} = {value}: expected a positive number of pixels")
+        if not 1 <= value <= LIMITS["eval_crop"]:
+            raise UserError(
+                f"{name} = {value}: expected a positive number of pixels, at most "
+                f"{LIMITS['eval_crop']}"
+            )
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device = {device!r}: expected 'auto', 'cpu' or 'cuda'")
     if device == "cuda":
@@ -331,7 +338,7 @@ def predict(
     rows = m.split(split)[: limit or None]
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
-    with writer_lock(out_dir, "python -m train predict"), progress() as bar:
+    with writer_lock(out_dir), progress() as bar:
         claim(out_dir, "train predict", where)
         task = bar.add_task(f"predict {split}", total=len(rows), rate="")
         for i, row in enumerate(rows):
@@ -380,7 +387,7 @@ def export_splits_cmd(
             "python -m calibrate (or --pseudo-dir)"
         )
     check_pseudo_folder(pdir, m)
-    with writer_lock(out_dir, "python -m train export-splits"):
+    with writer_lock(out_dir):
         claim(out_dir, "train export-splits", where)
         counts = export_splits(m, pdir, out_dir)
     from data_manifest.cli_support import table

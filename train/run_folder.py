@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -51,6 +52,7 @@ RESUME_FREE_KEYS = {
 }
 OUTPUTS = ("metrics.jsonl", "latest.pt", "best.pt", "final.json", "loss.png", "miou.png")
 OWNER = "train fit"
+LOSS_KEYS = ("loss", "loss_s", "loss_u")
 
 
 def written_by_train(folder: Path) -> bool:
@@ -206,9 +208,25 @@ class RunFolder:
         return None
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one line to ``metrics.jsonl`` and flush it (a kill loses at most this line)."""
+        """Append one line to ``metrics.jsonl`` and flush it (a kill loses at most this line).
+
+        Raises:
+            UserError: a training loss that is nan or inf: the run diverged, and every later
+                step, checkpoint and evaluation would be meaningless.
+        """
         if not self.writer:
             return
+        bad = [
+            k
+            for k in LOSS_KEYS
+            if isinstance(record.get(k), float) and not math.isfinite(record[k])
+        ]
+        if record.get("type") == "train" and bad:
+            raise UserError(
+                f"{self.metrics}: {bad[0]} = {record[bad[0]]} at iteration {record.get('iter')}; "
+                "expected finite losses: the run diverged (try a lower [train] lr); the "
+                "checkpoints hold the last state saved before"
+            )
         if self._metrics is None:
             self._metrics = open(self.metrics, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
