@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from data_manifest.errors import UserError
-from data_manifest.io import atomic_write_text
+from data_manifest.io import atomic_write_text, not_found
 
 T = TypeVar("T")
 TOP_LEVEL = {"run_dir": str, "seed": int}
@@ -57,7 +57,7 @@ def read_text_file(path: Path, what: str) -> str:
     if path.is_dir():
         raise UserError(f"{path}: is a folder; expected a {what} file")
     if not path.is_file():
-        raise UserError(f"{path}: {what} file not found")
+        raise UserError(f"{path}: {what} {not_found(path)}")
     data = path.read_bytes()
     try:
         return data.decode("utf-8-sig")

@@ -1269,6 +1269,13 @@ CALIBRATE = [
     case("alpha_nan", "ca", f"run {CFG} --alpha nan", "--alpha = nan: expected finite numbers"),
     case("workers_too_many", "ca", f"run {CFG} --workers 100000", "and at most 256"),
     case("config_is_a_folder", "ca", "run --config {t}", "is a folder; expected a config file"),
+    case(
+        "config_link_loop",
+        "ca",
+        "run --config {t}/l.toml",
+        "l.toml: config file is a symbolic link to nothing (a loop, or its target is gone)",
+        setup=lambda c: (c.t / "l.toml").symlink_to("l.toml"),
+    ),
 ]
 
 TRAIN = [
