@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,11 +59,15 @@ def _finish(manifest: Manifest, root: Path, out: Path | None, report: Any = None
     for s in SPLITS:
         split_rows = manifest.split(s)
         with_label = sum(r.label is not None for r in split_rows)
-        rows.append([s, f"{len(split_rows)} images ({with_label} with a label)"])
+        text = f"{len(split_rows)} images ({with_label} with a label)"
+        if s == "val" and not split_rows:
+            text += ": `python -m data_manifest split --val N` draws some"
+        rows.append([s, text])
     for n, why, first in report.left_out:
         rows.append(["left out", f"{n}: {why} (first: {first})"])
     if not report.left_out:
         rows.append(["left out", "nothing"])
+    rows = [[a, textwrap.fill(str(b), 72)] for a, b in rows]  # narrow in a log too
     cs.console.print(cs.table("build", ["", "found"], rows))
     for line in report.warnings:
         cs.err_console.print(f"warning: {line}", highlight=False, markup=False, soft_wrap=True)

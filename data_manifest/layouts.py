@@ -43,11 +43,11 @@ from data_manifest.splits import UNIMATCH_FILES, SplitEntry, read_unimatch, sort
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 #: class names taken as the background class without being asked (any case)
 BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
-#: what a dataset without a background class goes without
-NO_BACKGROUND_EFFECT = (
-    "calibrate's foreground preference is off (where a prediction set holds the background "
-    "and a foreground class, CP labels the pixel with the foreground class; on the demo that "
-    "rule gives most of CP's gain)"
+#: what a dataset without a background class goes without (short, then why it matters)
+NO_BACKGROUND_EFFECT = "calibrate's foreground preference is off"
+NO_BACKGROUND_WHY = (
+    "where a prediction set holds the background and a foreground class, CP labels the pixel "
+    "with the foreground class; on the demo that rule gives most of CP's gain"
 )
 _EXIF_ORIENTATION = 0x0112
 
@@ -375,9 +375,9 @@ def resolve_background(
     if warn:
         report.warnings.append(
             f"no background class: no class is named 'background' (class 0 is "
-            f"{classes[0]!r}), so {NO_BACKGROUND_EFFECT}; if {classes[0]!r} is the background, "
-            "rebuild with --background-index 0 (--background-index none keeps this choice "
-            "without this warning)"
+            f"{classes[0]!r}), so {NO_BACKGROUND_EFFECT} ({NO_BACKGROUND_WHY}); if "
+            f"{classes[0]!r} is the background, rebuild with --background-index 0 "
+            "(--background-index none keeps this choice without this warning)"
         )
     return None
 

@@ -135,7 +135,34 @@ def test_default_cache_serves_every_rule_at_alpha_0_3(data, tmp_path, args) -> N
 def test_top2_of_the_same_images_is_refused_at_alpha_0_3(data, tmp_path) -> None:
     """Why the default changed: the former default (top-2 at K = 7) cannot serve α = 0.3."""
     manifest, _ = data
-    cache = annotate(manifest.parent, manifest, topk=2)
+    cache = annotate_top2(manifest)
     r = calibrate(manifest, cache, tmp_path / "o", "--alpha", "0.3")
     assert r.exit_code == 1
     assert "cannot be labeled exactly from the top 2 classes" in r.output
+
+
+def test_docs_read_top_k_indices_lazily(data, tmp_path) -> None:
+    """docs/annotate.md's snippet for the class indices of a top-k image, run as written (on a
+    top-2 cache): it gives the classes of ``dask_scores``, lazily."""
+    import re
+
+    import annotate
+
+    manifest, _ = data
+    cache = annotate.open_cache(annotate_top2(manifest))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "annotate.md").read_text()
+    section = doc.split("class indices are a second array", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    image_id = "u0"
+    scope = {"cache": cache}
+    exec(snippet.replace('"tgt_00000"', repr(image_id)), scope)  # noqa: S102 (our own docs)
+    index = scope["index"]
+    assert type(index).__module__.startswith("dask")
+    stored = cache.stored(image_id)
+    np.testing.assert_array_equal(index.compute(), stored["topk_index"])
+    assert cache.dask_scores(image_id).shape == index.shape
+
+
+def annotate_top2(manifest: Path) -> Path:
+    path = manifest.parent / "cache_2.zarr"
+    return path if path.is_dir() else annotate(manifest.parent, manifest, topk=2)

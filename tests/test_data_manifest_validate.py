@@ -193,8 +193,9 @@ def test_labeled_row_without_label_and_bad_row_field(voc) -> None:
     msgs = _messages(path)
     assert msgs[0] == f"{path}:2: label = null in split 'labeled'; expected a label file"
     assert msgs[1] == f"{path}:3: split = 'training'; expected one of labeled, unlabeled, val"
-    assert "split 'labeled' is empty; expected at least one labeled image with a valid label" in (
-        msgs[2]
+    assert (
+        "split 'labeled' is empty; expected at least one labeled image with a valid label"
+        in (msgs[2])
     )
 
 
