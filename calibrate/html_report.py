@@ -205,6 +205,35 @@ def page(title: str, intro: str, sections: list[tuple[str, str, str]]) -> str:
     )
 
 
+def write_report(
+    path: Path,
+    title: str,
+    intro: str,
+    tables: list[Any],
+    plots: str,
+    gallery: str,
+    plots_heading: str = "Plots",
+) -> Path:
+    """report.html: a title, an introduction, the rich ``tables``, then the plots' and the
+    gallery's HTML, each in its own section."""
+    sections = [
+        ("summary", "Summary", "".join(html_table(t) for t in tables)),
+        ("plots", plots_heading, plots),
+        ("gallery", "Gallery", gallery),
+    ]
+    write(path, page(title, intro, sections))
+    return path
+
+
+def gallery_section(
+    note: str, classes: Sequence[str], palette: Sequence[Sequence[int]], entries: list[Entry]
+) -> str:
+    """A note on what the gallery shows, its legend, and its entries."""
+    return (
+        f'<p class="note">{esc(note)}</p>' + legend_html(classes, palette) + gallery_html(entries)
+    )
+
+
 def write(path: Path, text: str) -> None:
     """Write the page atomically, leaving a file that already holds these bytes alone."""
     if path.is_file() and path.read_text(encoding="utf-8") == text:

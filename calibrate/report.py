@@ -287,7 +287,7 @@ def risk_tables(fig: dict[str, Any]) -> list[Any]:
 
 def _wrap(text: str, width: int = 56) -> str:
     """Long text on several lines of a table cell, so that tables stay narrow in a log."""
-    return textwrap.fill(str(text), width)
+    return textwrap.fill(str(text), width, break_long_words=False, break_on_hyphens=False)
 
 
 def _interval(d: dict[str, Any]) -> str:
@@ -386,12 +386,12 @@ def write_html(
         ranked = "by the fraction of pixels kept, lowest first (none has a true label)"
     if n_truth >= H.RANK_LIMIT:
         ranked += f" (errors measured on an even sample of {H.RANK_LIMIT})"
-    gallery = (
-        f'<p class="note">{len(entries)} of {len(order)} unlabeled images, worst first: '
-        f"{ranked}. Raw argmax: the annotator's most probable class; pseudo-label: what "
-        "training reads.</p>"
-        + H.legend_html(manifest.classes, manifest.palette)
-        + H.gallery_html(entries)
+    gallery = H.gallery_section(
+        f"{len(entries)} of {len(order)} unlabeled images, worst first: {ranked}. Raw argmax: "
+        "the annotator's most probable class; pseudo-label: what training reads.",
+        manifest.classes,
+        manifest.palette,
+        entries,
     )
     plots = [p for p in PLOTS if (out_dir / "plots" / f"{p}.png").is_file()] if conf.plots else []
     plot_html = (
@@ -403,7 +403,6 @@ def write_html(
         if plots
         else '<p class="note">plots are off (plots = false)</p>'
     )
-    tables = "".join(H.html_table(t) for t in summary_tables(fig))
     u = fig["unlabeled"]
     intro = (
         f'<p class="note">python -m calibrate run: method {H.esc(method)}, α = '
@@ -412,18 +411,10 @@ def write_html(
         f"{H.esc(fig['manifest']['path'])}, cache {H.esc(fig['cache']['path'])}. The figures "
         "are in calibration.json beside this file.</p>"
     )
-    text = H.page(
-        f"calibration report: {method}, α = {fig['alpha']}, {fig['mode']} mode",
-        intro,
-        [
-            ("summary", "Summary", tables),
-            ("plots", "Plots", plot_html),
-            ("gallery", "Gallery", gallery),
-        ],
+    title = f"calibration report: {method}, α = {fig['alpha']}, {fig['mode']} mode"
+    return H.write_report(
+        out_dir / "report.html", title, intro, summary_tables(fig), plot_html, gallery
     )
-    path = out_dir / "report.html"
-    H.write(path, text)
-    return path
 
 
 def _write_json_if_changed(path: Path, obj: Any) -> None:
@@ -590,17 +581,17 @@ def write_evaluation_html(
             parts.append(f"{name}: kept {100 * float(np.mean(lab != 255)):.1f} %, error {err}")
         entries.append(H.Entry(image_id, "; ".join(parts), panels))
     sampled = " (ranked among an even sample)" if len(ids) > H.RANK_LIMIT else ""
-    gallery_html = (
-        f'<p class="note">{len(entries)} of {len(ids)} unlabeled images with a true label, '
-        f"worst first by the error of the kept pixels of {H.esc(names[0])}{sampled}.</p>"
-        + H.legend_html(manifest.classes, manifest.palette)
-        + H.gallery_html(entries)
+    gallery_html = H.gallery_section(
+        f"{len(entries)} of {len(ids)} unlabeled images with a true label, worst first by the "
+        f"error of the kept pixels of {names[0]}{sampled}."
         if entries
-        else '<p class="note">no unlabeled image has a true label: no gallery.</p>'
+        else "no unlabeled image has a true label: no gallery.",
+        manifest.classes,
+        manifest.palette,
+        entries,
     )
     plot = out_dir / "risk_coverage.png"
     plot_html = f'<div class="plots"><img src="{H.file_uri(plot)}" alt="risk-coverage"></div>'
-    tables = "".join(H.html_table(t) for t in eval_tables(result))
     notes = "".join(f'<p class="note">note: {H.esc(n)}</p>' for n in result["notes"])
     intro = (
         '<p class="note">python -m calibrate evaluate: pseudo-label folders '
@@ -608,15 +599,12 @@ def write_evaluation_html(
         + f" against the true labels of manifest {H.esc(result['manifest']['path'])}. The "
         "figures are in evaluation.json beside this file.</p>" + notes
     )
-    text = H.page(
+    return H.write_report(
+        out_dir / "report.html",
         f"evaluation report: {', '.join(names)}",
         intro,
-        [
-            ("summary", "Summary", tables),
-            ("plots", "Risk and coverage", plot_html),
-            ("gallery", "Gallery", gallery_html),
-        ],
+        eval_tables(result),
+        plot_html,
+        gallery_html,
+        plots_heading="Risk and coverage",
     )
-    path = out_dir / "report.html"
-    H.write(path, text)
-    return path

@@ -67,7 +67,10 @@ def _finish(manifest: Manifest, root: Path, out: Path | None, report: Any = None
         rows.append(["left out", f"{n}: {why} (first: {first})"])
     if not report.left_out:
         rows.append(["left out", "nothing"])
-    rows = [[a, textwrap.fill(str(b), 72)] for a, b in rows]  # narrow in a log too
+    rows = [
+        [a, textwrap.fill(str(b), 72, break_long_words=False, break_on_hyphens=False)]
+        for a, b in rows
+    ]  # narrow in a log too
     cs.console.print(cs.table("build", ["", "found"], rows))
     for line in report.warnings:
         cs.err_console.print(f"warning: {line}", highlight=False, markup=False, soft_wrap=True)

@@ -696,6 +696,11 @@ def _dm(*args: object) -> object:
     return r
 
 
+def _flat(text: str) -> str:
+    """A table's text without its borders and line breaks (cells wrap long findings)."""
+    return " ".join(re.sub(r"[│┃┏┓┗┛┡┩└┘━─┳┻╇╈┼┬┴]", " ", text).split())
+
+
 def test_build_voc_honours_the_folders_classes_txt(tmp_path: Path) -> None:
     """A VOC-layout folder with its own 7-class classes.txt: the manifest has those 7 names."""
     from _data_manifest_fixtures import make_voc
@@ -707,7 +712,7 @@ def test_build_voc_honours_the_folders_classes_txt(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     m = data_manifest.load(root / "manifest.jsonl")
     assert m.classes == names and len(m.palette) == 7 and m.meta.background_index == 0
-    assert f"7 from {root / 'classes.txt'}" in r.stdout
+    assert f"7 from {root / 'classes.txt'}" in _flat(r.stdout)
 
 
 def test_build_folder_reports_label_files_it_skips(tmp_path: Path) -> None:
@@ -780,7 +785,7 @@ def test_build_folder_summary_says_what_went_where(tmp_path: Path) -> None:
     write_grey_label(root / "masks" / "a.png", np.zeros((4, 5), np.uint8))
     r = _dm("build", "folder", root, "--labels", "masks")
     assert r.exit_code == 0, r.output
-    out = r.stdout
+    out = _flat(r.stdout)
     for text in (
         "1 labeled, 2 unlabeled, 0 val",
         "1 in masks/ (2 images without one: unlabeled)",
@@ -1663,7 +1668,7 @@ def test_output_to_a_file_has_no_bars_no_wrapping_no_blank_lines(
     assert p.returncode == 0, p.stderr
     for stream in (p.stdout, p.stderr):
         assert stream and not stream.startswith("\n") and "\x1b[" not in stream
-    assert "figures at alpha = 0.05 (target coverage 0.95)\n" in p.stdout
+    assert "prediction sets at alpha = 0.05 (target coverage 0.95)\n" in p.stdout
     assert any(str(out) in line for line in p.stdout.splitlines())  # the long path: one line
     lines = p.stderr.strip().splitlines()
     assert lines and all(PROGRESS_LINE.match(ln) for ln in lines), lines
