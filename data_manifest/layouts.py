@@ -338,13 +338,13 @@ NO_BACKGROUND = -1  # background_index: the dataset has no background class (ask
 
 
 def resolve_background(
-    classes: list[str], background_index: int | None, report: BuildReport, warn: bool = True
+    classes: list[str], background_index: int | None, report: BuildReport
 ) -> int | None:
     """The background class: ``background_index`` when given (:data:`NO_BACKGROUND`: none),
     else the one class named like background (:data:`BACKGROUND_NAMES`), else None.
 
-    Records the finding in ``report``; without a background class found by name, ``warn``
-    adds a warning naming class 0 and what the missing background switches off.
+    Records the finding in ``report``; without a background class found by name, also a
+    warning naming class 0 and what the missing background switches off.
 
     Raises:
         UserError: an index outside the classes, or several classes named like background.
@@ -372,13 +372,12 @@ def resolve_background(
         report.fact("background", f"class {i} {classes[i]!r} (by its name)")
         return i
     report.fact("background", f"none (no class is named 'background'): {NO_BACKGROUND_EFFECT}")
-    if warn:
-        report.warnings.append(
-            f"no background class: no class is named 'background' (class 0 is "
-            f"{classes[0]!r}), so {NO_BACKGROUND_EFFECT} ({NO_BACKGROUND_WHY}); if "
-            f"{classes[0]!r} is the background, rebuild with --background-index 0 "
-            "(--background-index none keeps this choice without this warning)"
-        )
+    report.warnings.append(
+        f"no background class: no class is named 'background' (class 0 is {classes[0]!r}), so "
+        f"{NO_BACKGROUND_EFFECT} ({NO_BACKGROUND_WHY}); if {classes[0]!r} is the background, "
+        "rebuild with --background-index 0 (--background-index none keeps this choice without "
+        "this warning)"
+    )
     return None
 
 
