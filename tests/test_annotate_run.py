@@ -198,6 +198,7 @@ def test_two_shard_processes_equal_one_run(setup):
         model=str(model),
         batch_size=2,
         device="cpu",
+        topk=2,  # both storage modes
     )
     procs = [
         _cli(["run", "--config", str(conf), "--shard", f"{i}/2", "--no-progress"]) for i in range(2)
