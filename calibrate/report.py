@@ -506,8 +506,19 @@ def per_class_figure(fig: dict[str, Any]) -> Any:
 def overlays(
     out_dir: Path, method: str, ids: list[str], manifest: Manifest, cache: Any, path: Path
 ) -> None:
-    """overlays.png: image | true label (where the manifest has one) | raw argmax |
-    pseudo-label per image, under a legend of the classes and of ignored pixels."""
+    """Write overlays.png (see :func:`overlays_figure`)."""
+    import matplotlib.pyplot as plt
+
+    f = overlays_figure(out_dir, method, ids, manifest, cache)
+    _save(f, path)
+    plt.close(f)
+
+
+def overlays_figure(
+    out_dir: Path, method: str, ids: list[str], manifest: Manifest, cache: Any
+) -> Any:
+    """image | true label (where the manifest has one) | raw argmax | pseudo-label, one row per
+    image of ``ids``, under a legend of the classes and of ignored pixels (grey checks)."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -543,8 +554,7 @@ def overlays(
         fontsize=9,
     )
     f.tight_layout(rect=(0, 0.6 / height, 1, 1 - 0.25 / height))
-    _save(f, path)
-    plt.close(f)
+    return f
 
 
 def write_evaluation_html(

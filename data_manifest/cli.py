@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,9 @@ from data_manifest import cli_support as cs
 from data_manifest.cli_support import handle_errors
 from data_manifest.errors import UserError
 from data_manifest.manifest import SPLITS, Manifest, check_manifest_file, load
+
+if TYPE_CHECKING:
+    from data_manifest.layouts import BuildReport
 
 app = cs.make_app(
     "data_manifest",
@@ -39,7 +42,9 @@ SplitsOpt = Annotated[
 ManifestArg = Annotated[Path, typer.Argument(help="A manifest.jsonl.", show_default=False)]
 
 
-def _finish(manifest: Manifest, root: Path, out: Path | None, report: Any = None) -> None:
+def _finish(
+    manifest: Manifest, root: Path, out: Path | None, report: BuildReport | None = None
+) -> None:
     """Save the manifest, then print what went where: images per split, what was left out and
     why, where labels and classes came from, the background class; warnings on stderr."""
     from data_manifest.layouts import save_manifest

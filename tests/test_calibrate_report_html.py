@@ -151,8 +151,26 @@ def test_per_class_coverage_legend_hides_no_bar(runs) -> None:
 
 
 def test_overlays_have_a_truth_column_and_a_legend(runs) -> None:
-    im = np.asarray(Image.open(runs["cp"] / "plots" / "overlays.png").convert("RGB"))
-    assert im.shape[1] > 4 * 200  # four panels: image, true label, raw argmax, pseudo-label
+    """overlays.png: per image, image | true label | raw argmax | pseudo-label, and a legend
+    with every class and ignored pixels; the file is the figure drawn (same pixel size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from annotate import open_cache
+    from data_manifest import load
+
+    fig = json.loads((runs["cp"] / "calibration.json").read_text())
+    ids = sorted(fig["pngs"])[:3]
+    f = report.overlays_figure(
+        runs["cp"], "cp", ids, load(runs["manifest"]), open_cache(runs["cache"])
+    )
+    titles = [ax.get_title() for ax in f.axes if ax.images]
+    assert titles == [
+        t for i in ids for t in (f"{i}: image", "true label", "raw argmax", "pseudo-label (cp)")
+    ]
+    labels = [t.get_text() for t in f.legends[0].get_texts()]
+    assert labels == ["0 background", "1 cat", "2 dog", "3 tree", "255 ignored (grey checks)"]
+    assert "ignored pixels" in f._suptitle.get_text()
 
 
 def test_evaluate_writes_a_report_with_every_folder(runs) -> None:
