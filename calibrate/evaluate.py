@@ -36,12 +36,18 @@ from calibrate.tasks import Item, _cache, load
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_path, atomic_write_json, read_label_png
 from data_manifest.manifest import IGNORE_INDEX, Manifest, id_path, reduce_zero_label
-from data_manifest.ownership import claim, holding, writer_lock
+from data_manifest.ownership import claim, holding
 
 SCHEMA = 1
 SETS = ("unlabeled", "held_out", "val")
 OWNER = "calibrate evaluate"
-OUTPUTS = ("evaluation.json", "risk_coverage.png")
+
+
+def written_by_evaluate(folder: Path) -> bool:
+    """An unmarked folder that an earlier version of ``calibrate evaluate`` wrote: exactly its
+    files (with or without report.html)."""
+    files = ("evaluation.json", "risk_coverage.png")
+    return holding(*files)(folder) or holding(*files, "report.html")(folder)
 
 
 @dataclass(frozen=True)
@@ -305,7 +311,9 @@ def run(
 ) -> dict[str, Any]:
     """Evaluate the folders; writes ``evaluation.json`` and ``risk_coverage.png`` into
     ``out_dir`` and returns the JSON content. A folder that a calibrate run changed while it
-    was read is refused (:func:`calibrate.folder.refuse_changed`)."""
+    was read is refused (:func:`calibrate.folder.refuse_changed`). Hold ``out_dir``'s writer
+    lock while calling it (:func:`data_manifest.ownership.writer_lock`; the command line does,
+    around the report.html it writes next)."""
     before = [state(p) for p in folder_paths]
     for p in folder_paths:
         check_manifest(p, manifest)
@@ -345,10 +353,9 @@ def run(
     for p, b in zip(folder_paths, before, strict=True):
         refuse_changed(p, b, "this evaluation", "evaluate again")
     result = summarise(res or {}, manifest, cache, folders)
-    with writer_lock(out_dir):
-        claim(out_dir, OWNER, "--out-dir", legacy=holding(*OUTPUTS))
-        atomic_write_json(out_dir / "evaluation.json", result)
-        plot(result, out_dir / "risk_coverage.png")
+    claim(out_dir, OWNER, "--out-dir", legacy=written_by_evaluate)
+    atomic_write_json(out_dir / "evaluation.json", result)
+    plot(result, out_dir / "risk_coverage.png")
     return result
 
 
