@@ -45,6 +45,21 @@ except ImportError:  # not a POSIX system: no locks (each writer_lock is then a 
 OWNER_FILE = ".conformalsam-owner"
 LOCK_FILE = ".conformalsam.lock"
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _close_held_in_child() -> None:
+    """In a forked child (DataLoader workers, multiprocessing pools): close the inherited lock
+    descriptors. The lock stays with the parent, and no longer outlives it in a child that
+    is still shutting down when the parent is killed."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _never(folder: Path) -> bool:
@@ -204,6 +219,7 @@ def _try_lock(path: Path, shared: bool) -> int | None:
         except FileNotFoundError:
             same = False
         if same:
+            _HELD.add(fd)
             return fd
         os.close(fd)
 
@@ -212,6 +228,7 @@ def _release(path: Path, fd: int | None) -> None:
     """Remove the lock file if no one else holds it (we can hold it exclusively), then close."""
     if fd is None:
         return
+    _HELD.discard(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with contextlib.suppress(FileNotFoundError):

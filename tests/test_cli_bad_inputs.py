@@ -2416,3 +2416,40 @@ def test_pseudo_labels_changed_during_training_are_not_exit_0(
         f"expected them unchanged ({run} mixed two sets): train again with --restart once "
         "the folder is complete"
     )
+
+
+FORK_AND_DIE = """
+import os, sys, time
+from data_manifest.ownership import writer_lock
+held = writer_lock(sys.argv[1])
+held.__enter__()
+child = os.fork()  # as a DataLoader worker is forked
+if child == 0:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1), os.dup2(null, 2)  # the test reads the parent's output to its end
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_lock_does_not_outlive_its_holder_in_a_forked_child(tmp_path: Path) -> None:
+    """A killed trainer's DataLoader workers may live on for seconds: they must not keep the
+    run folder locked (the resumed run would be refused)."""
+    from data_manifest.ownership import writer_lock
+
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_AND_DIE, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    child = int(proc.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # still alive
+        with writer_lock(tmp_path):
+            pass
+    finally:
+        os.kill(child, 9)
