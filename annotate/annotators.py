@@ -190,8 +190,9 @@ def load_torch(
             "a trainer checkpoint (.pt)"
         )
     if not model_path.is_file():
+        what = "is a folder" if model_path.is_dir() else "file not found"
         raise UserError(
-            f"[annotate] model = {str(model_path)!r}: file not found; expected a "
+            f"[annotate] model = {str(model_path)!r}: {what}; expected a "
             "TorchScript file or a trainer checkpoint"
         )
     sha = sha256_file(model_path)
@@ -255,8 +256,9 @@ def load_demo(cfg: AnnotateConfig, manifest: Manifest) -> NetAnnotator:
     path = Path(cfg.model or DEMO_MODEL)
     if not path.is_file() and path != Path(DEMO_MODEL):
         # only the default checkpoint is trained on demand: the training config writes there
+        what = "is a folder" if path.is_dir() else "file not found"
         raise UserError(
-            f"[annotate] model = {str(path)!r}: file not found; expected a demo annotator "
+            f"[annotate] model = {str(path)!r}: {what}; expected a demo annotator "
             f"checkpoint (leave model unset to use, and train once, {DEMO_MODEL})"
         )
     if not path.is_file():

@@ -131,12 +131,21 @@ def run(
     shards: Annotated[
         int | None, typer.Option(help="Shards for --scheduler (default: one per worker).")
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Decode every cached image to find damaged ones (default: check file sizes "
+            "only); damaged images are annotated again.",
+        ),
+    ] = False,
     no_progress: Annotated[
         bool,
         typer.Option("--no-progress", hidden=True, help="No progress bar (older name; see -q)."),
     ] = False,
 ) -> None:
     """Annotate the manifest's images into the cache (resumable; re-run to continue)."""
+    from annotate.inspection import report_prefix
     from annotate.run import parse_shard
 
     cfg = load_config(config)
@@ -183,17 +192,18 @@ def run(
         "annotate": {k: v for k, v in section_dict(settings).items() if v not in ("", [], {})},
     }
     try:
-        result = _annotate(settings, m, cache_path, (shard_i, shard_n), no_progress)
+        result = _annotate(settings, m, cache_path, (shard_i, shard_n), no_progress, verify)
     except UserError as exc:  # "[annotate] key = ...": name the option or the config file
         if str(exc).startswith("[annotate] "):
             raise UserError(locate(str(exc), cfg, "annotate", given)) from None
         raise
     if result.meta is not None:
         resolved["annotate"]["topk"] = result.meta.topk  # -1 (auto) resolved to k
-    write_resolved(out_dir / "annotate.toml", resolved)
+    prefix = report_prefix(cache_path)
+    write_resolved(out_dir / f"{prefix}.toml", resolved)
     report = result.report()
     report["config"] = resolved
-    name = "annotate.json" if shard_n == 1 else f"annotate.shard-{shard_i}-of-{shard_n}.json"
+    name = f"{prefix}.json" if shard_n == 1 else f"{prefix}.shard-{shard_i}-of-{shard_n}.json"
     atomic_write_json(out_dir / name, report)
     _print_summary(result, report, settings.splits, cache_path, out_dir / name)
 
@@ -204,6 +214,7 @@ def _annotate(
     cache_path: Path,
     shard: tuple[int, int],
     no_progress: bool,
+    verify: bool = False,
 ) -> RunResult:
     """Run the annotation (here, or on the Dask scheduler the settings name) under a progress
     bar whose rate counts from the moment the model is built."""
@@ -232,8 +243,10 @@ def _annotate(
             from annotate.run import run_on_dask
 
             bar.update(task, description=f"annotate on Dask ({settings.scheduler})")
-            return run_on_dask(settings, m, cache_path)
-        return run_annotation(settings, m, cache_path, shard, on_progress=on_progress)
+            return run_on_dask(settings, m, cache_path, verify=verify)
+        return run_annotation(
+            settings, m, cache_path, shard, on_progress=on_progress, verify=verify
+        )
 
 
 def _print_summary(
@@ -264,6 +277,14 @@ def _print_summary(
         f"{report_path}",
         highlight=False,
     )
+    if result.repaired:
+        console.print(
+            table(
+                "damaged images, annotated again",
+                ["id", "file", "problem"],
+                [[r["id"], r["file"], r["reason"]] for r in result.repaired],
+            )
+        )
     if result.skipped:
         console.print(
             table(
@@ -325,6 +346,20 @@ def inspect(
     )
     if json_out:
         atomic_write_json(json_out, s)
+    if s["damaged"]:
+        console.print(
+            table(
+                "damaged images",
+                ["id", "file", "problem"],
+                [[d["id"], d["file"], d["reason"]] for d in s["damaged"]],
+            )
+        )
+        first = s["damaged"][0]
+        raise UserError(
+            f"{c.path}: {len(s['damaged'])} damaged images (first {first['id']!r}: "
+            f"{first['file']}: {first['reason']}); expected complete image data: python -m "
+            "annotate run annotates them again"
+        )
 
 
 @app.command()

@@ -8,6 +8,13 @@ from typing import Literal
 from data_manifest.manifest import SPLITS
 
 DEFAULT_SPLITS = ("labeled", "unlabeled", "val")
+# Upper bounds of values that size what is held in memory at once (a typo such as 100000x100000
+# must fail here, not by exhausting the machine): a model input side, images per forward pass,
+# image loading threads (each keeps two batches in flight), Dask shards (each builds a model).
+MAX_SIDE = 8192
+MAX_BATCH = 1024
+MAX_WORKERS = 64
+MAX_SHARDS = 1024
 DEMO_MODEL = "data/demo/annotator/best.pt"
 DEMO_TRAIN_CONFIG = "configs/demo_annotator.toml"
 
@@ -49,21 +56,26 @@ class AnnotateConfig:
             raise ValueError(
                 f"splits = {list(self.splits)!r}: expected distinct names from {', '.join(SPLITS)}"
             )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size = {self.batch_size}: expected an integer >= 1")
-        if self.workers < 0:
-            raise ValueError(f"workers = {self.workers}: expected an integer >= 0")
+        if not 1 <= self.batch_size <= MAX_BATCH:
+            raise ValueError(
+                f"batch_size = {self.batch_size}: expected an integer in [1, {MAX_BATCH}]"
+            )
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"workers = {self.workers}: expected an integer in [0, {MAX_WORKERS}]")
         if self.topk < -1 or self.topk > 255:
             raise ValueError(f"topk = {self.topk}: expected -1 (auto), 0 (off) or 1..255")
-        if self.input_size and (len(self.input_size) != 2 or min(self.input_size) < 8):
+        if self.input_size and (
+            len(self.input_size) != 2
+            or not 8 <= min(self.input_size) <= max(self.input_size) <= MAX_SIDE
+        ):
             raise ValueError(
                 f"input_size = {list(self.input_size)!r}: expected [] (each image "
-                "at its own size) or [height, width] with both >= 8"
+                f"at its own size) or [height, width], both in [8, {MAX_SIDE}]"
             )
-        if self.input_short_side != 0 and self.input_short_side < 32:
+        if self.input_short_side != 0 and not 32 <= self.input_short_side <= MAX_SIDE:
             raise ValueError(
                 f"input_short_side = {self.input_short_side}: expected 0 (each image at its "
-                "own size) or a number of pixels >= 32 (SEEM's default: 512)"
+                f"own size) or a number of pixels in [32, {MAX_SIDE}] (SEEM's default: 512)"
             )
         if self.device != "auto" and not (
             self.device == "cpu" or self.device.startswith("cuda") or self.device == "mps"
@@ -79,8 +91,10 @@ class AnnotateConfig:
                 '"local:N" (N worker processes here) or a Dask scheduler '
                 "address tcp://HOST:PORT"
             )
-        if self.shards < 0:
-            raise ValueError(f"shards = {self.shards}: expected 0 (one per Dask worker) or more")
+        if not 0 <= self.shards <= MAX_SHARDS:
+            raise ValueError(
+                f"shards = {self.shards}: expected 0 (one per Dask worker) to {MAX_SHARDS}"
+            )
         for name in ("mean", "std"):
             v = getattr(self, name)
             if v and (len(v) != 3 or (name == "std" and min(v) <= 0)):

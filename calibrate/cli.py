@@ -19,8 +19,9 @@ from data_manifest.cli_support import (
     make_app,
     table,
 )
-from data_manifest.config import load_config, parse_section, run_dir
+from data_manifest.config import check_seed, load_config, parse_section, run_dir
 from data_manifest.errors import UserError
+from data_manifest.ownership import check_claim, writer_lock
 
 app = make_app(
     "calibrate", "Conformal calibration of cached annotator scores, and filtered pseudo-label PNGs."
@@ -135,12 +136,19 @@ def run(
     where = "--out-dir" if out_dir else "[calibrate] out_dir" if conf.out_dir else "--run-dir"
     conf = job.with_defaults(conf, cfg, rdir)
     check_output_dir(conf.out_dir, where)
-    the_seed = seed if seed is not None else int(cfg.get("seed", 0))
+    the_seed = check_seed(seed, "--seed") if seed is not None else int(cfg.get("seed", 0))
     mpath = manifest_path(cfg, manifest)
     m = data_manifest.load(mpath)
     resolved = job.resolved_config(cfg, conf, rdir, the_seed, mpath)
     result = job.run(
-        m, conf, Path(conf.cache), Path(conf.out_dir), the_seed, resolved, not is_quiet()
+        m,
+        conf,
+        Path(conf.cache),
+        Path(conf.out_dir),
+        the_seed,
+        resolved,
+        not is_quiet(),
+        option=where,
     )
     if is_quiet():
         return
@@ -212,14 +220,21 @@ def evaluate(
     cpath = Path(cache) if cache else Path(first["cache"]["path"])
     out = Path(out_dir) if out_dir else paths[0].parent / "evaluation"
     check_output_dir(out, "--out-dir" if out_dir else "evaluation folder")
+    check_claim(
+        out,
+        evaluate_mod.OWNER,
+        "--out-dir" if out_dir else "evaluation folder",
+        evaluate_mod.written_by_evaluate,
+    )
     try:  # the same range checks as calibrate run's
         CalibrateConfig(scheduler=scheduler, workers=workers, batch=batch)
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
-    result = evaluate_mod.run(
-        m, cpath, paths, out, scheduler, workers, batch, show_progress=not is_quiet()
-    )
-    html = report.write_evaluation_html(out, result, m, cpath, paths)
+    with writer_lock(out):
+        result = evaluate_mod.run(
+            m, cpath, paths, out, scheduler, workers, batch, show_progress=not is_quiet()
+        )
+        html = report.write_evaluation_html(out, result, m, cpath, paths)
     if is_quiet():
         return
     for t in evaluate_mod.summary_tables(result):

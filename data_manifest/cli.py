@@ -432,8 +432,11 @@ def split(
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same split.")] = 0,
 ) -> None:
     """Draw labeled/unlabeled/val splits deterministically (images without labels: unlabeled)."""
+    from data_manifest.config import check_seed
     from data_manifest.layouts import save_manifest
     from data_manifest.splits import make_splits, parse_amount
+
+    check_seed(seed, "--seed")
 
     cs.check_not_same_file(
         out,
@@ -479,7 +482,11 @@ def prepare(
     cfg = load_config(config)
     dc = data_config(cfg, manifest)
     rdir = run_dir(cfg, run_dir_opt)
+    from data_manifest.ownership import check_claim, claim, holding
+
     out_dir = cs.check_output_dir(rdir / "data", "--run-dir")
+    ours = holding("config.toml", "summary.json")
+    check_claim(out_dir, "data_manifest prepare", "--run-dir", ours)
     t0 = time.perf_counter()
     path = resolve_manifest(cfg, manifest, quiet=False)
     cs.console.print(f"manifest {path} ready in {time.perf_counter() - t0:.1f} s")
@@ -488,6 +495,7 @@ def prepare(
         "seed": cfg.get("seed", 0),
         "data": {**section_dict(dc), "manifest": str(path)},
     }
+    claim(out_dir, "data_manifest prepare", "--run-dir", ours)
     write_resolved(out_dir / "config.toml", resolved)
     print_summary(load(path), pixels=pixels, json_out=out_dir / "summary.json")
 
@@ -526,6 +534,7 @@ def demo(
         key, _, rest = str(exc).partition(" = ")
         raise UserError(f"--{key.removeprefix('demo_').replace('_', '-')} = {rest}") from None
     cs.check_output_dir(root, "--out")
+    demo_mod.check_root(root, "--out")
     t0 = time.perf_counter()
     with cs.progress() as bar:
         task = bar.add_task("demo images", total=demo_mod.total_images(params), rate="")
@@ -535,7 +544,7 @@ def demo(
             done = bar.tasks[task].completed
             bar.update(task, rate=cs.rate_text(done, time.perf_counter() - t0, "img"))
 
-        path = demo_mod.generate(root, params, force=force, tick=tick)
+        path = demo_mod.generate(root, params, force=force, tick=tick, option="--out")
     cs.console.print(
         f"demo ready in {time.perf_counter() - t0:.1f} s: {root / 'source'} "
         f"(annotator training), {path} (target)"

@@ -102,7 +102,7 @@ def test_check_labels_reports_each_bad_input(tmp_path):
     )
     with pytest.raises(
         UserError,
-        match=r"unlabeled_002\.png: pseudo-label is 32x20 px; "
+        match=r"unlabeled_002\.png: pseudo-label is 20x32 \(HxW\); "
         r"expected 32x32 like image 'unlabeled_002'",
     ):
         check_labels(m, unl, pseudo, read_values=False)

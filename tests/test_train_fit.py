@@ -315,7 +315,7 @@ def test_bad_inputs_give_one_line(tiny, tmp_path):
         )
     r = _fit(cfg, manifest, "--pseudo-dir", str(pdir))
     assert r.exit_code == 1
-    assert "unlabeled_000.png: pseudo-label is 31x32 px; expected 32x32" in r.output
+    assert "unlabeled_000.png: pseudo-label is 32x31 (HxW); expected 32x32" in r.output
 
 
 def test_resume_refuses_a_changed_config(fitted, tiny, tmp_path):

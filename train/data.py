@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from calibrate.folder import check_complete
+from calibrate.folder import check_pseudo_folder
 from data_manifest.errors import UserError
 from data_manifest.io import read_label_png
 from data_manifest.manifest import Manifest, Row
@@ -82,8 +82,8 @@ def check_labels(
                 raise UserError(f"{path}: cannot read {what} image ({exc})") from None
         if tuple(shape) != (row.height, row.width):
             raise UserError(
-                f"{path}: {what} is {shape[1]}x{shape[0]} px; expected "
-                f"{row.width}x{row.height} like image {row.id!r} in the manifest"
+                f"{path}: {what} is {shape[0]}x{shape[1]} (HxW); expected "
+                f"{row.height}x{row.width} like image {row.id!r} in the manifest"
             )
         if read_values:
             bad = (lab >= k) & (lab != 255)
@@ -118,7 +118,7 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, pseudo_dir: Path) -> None
     check_labels(manifest, labeled, None, cfg.check_labels)
     check_labels(manifest, manifest.split("val"), None, cfg.check_labels)
     if cfg.uses_pseudo:
-        check_complete(pseudo_dir, [r.id for r in unlabeled], verify=cfg.check_labels)
+        check_pseudo_folder(pseudo_dir, manifest, verify=cfg.check_labels)
         check_labels(manifest, unlabeled, pseudo_dir, cfg.check_labels)
 
 
@@ -235,8 +235,8 @@ class SegDataset(Dataset):
         if image.shape[:2] != label.shape:
             raise UserError(
                 f"{self.manifest.image_path(row)}: image is "
-                f"{image.shape[1]}x{image.shape[0]} px but its {self.source} label is "
-                f"{label.shape[1]}x{label.shape[0]}; expected equal sizes"
+                f"{image.shape[0]}x{image.shape[1]} (HxW) but its {self.source} label is "
+                f"{label.shape[0]}x{label.shape[1]}; expected equal sizes"
             )
         image, label = _weak(image, label, self.aug, rng)
         out = {
