@@ -60,6 +60,13 @@ from typing import TYPE_CHECKING, Any
 
 from annotate.common import first_line, resize_images, sha256_file
 from annotate.config import AnnotateConfig
+from annotate.seem_install import (
+    RECIPE,
+    STEP_CHECKOUT,
+    STEP_FORK,
+    STEP_REQUIREMENTS,
+    STEP_TORCH,
+)
 from annotate.vocab import prompt_channels
 from data_manifest.errors import UserError
 
@@ -74,12 +81,6 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")  # CLIP's BPE files (or its token
 # suffixes SEEM's text encoder removes from a class name before the prompt templates
 # (modeling/language/vlpencoder.py, LanguageEncoder.get_text_embeddings), in its order
 SEEM_STRIPPED = ("-other", "-merged", "-stuff")
-RECIPE = "the SEEM recipe in docs/annotate.md"
-# the recipe's steps, by what they install
-STEP_TORCH = f"step 0 of {RECIPE} (torch and the torchvision built for it, from one index)"
-STEP_CHECKOUT = f"step 1 of {RECIPE} (SEEM's checkout, v1.0)"
-STEP_REQUIREMENTS = f"step 2 of {RECIPE} (python -m annotate seem-requirements, pip install)"
-STEP_FORK = f"step 3 of {RECIPE} (its detectron2 fork, MaureenZOU/detectron2-xyz)"
 INSTALL_HINT = (
     "SEEM's code is not importable: set [annotate] seem_root to a checkout of "
     "https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once (v1.0); "

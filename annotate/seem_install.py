@@ -73,7 +73,12 @@ EXTRA = {
     "termcolor": "the detectron2 fork imports it (its setup.py lists it)",
 }
 PATH_FILE = "detectron2-xyz.pth"
-STEP_TORCH = "step 0 of the SEEM recipe in docs/annotate.md"
+RECIPE = "the SEEM recipe in docs/annotate.md"
+# the recipe's steps, by what they install (errors name the one to redo)
+STEP_TORCH = f"step 0 of {RECIPE} (torch and the torchvision built for it, from one index)"
+STEP_CHECKOUT = f"step 1 of {RECIPE} (SEEM's checkout, v1.0)"
+STEP_REQUIREMENTS = f"step 2 of {RECIPE} (python -m annotate seem-requirements, pip install)"
+STEP_FORK = f"step 3 of {RECIPE} (its detectron2 fork, MaureenZOU/detectron2-xyz)"
 # this project's packages whose installed versions the constraints file pins
 PINNED_EXTRA = ("transformers", "tokenizers", "huggingface-hub", "safetensors", "torchvision")
 
@@ -246,14 +251,14 @@ def check_torchvision() -> str:
     except md.PackageNotFoundError:
         raise UserError(
             f"torchvision is not installed; install the torchvision built for torch "
-            f"{torch_version}, from the index torch came from ({STEP_TORCH})"
+            f"{torch_version}, from the index torch came from: {STEP_TORCH}"
         ) from None
     try:
         import torchvision  # noqa: F401
     except Exception as exc:
         raise UserError(
             f"torchvision {version} does not work with torch {torch_version} "
-            f"({first_line(exc)}); install "
-            f"the torchvision built for that torch, from the index torch came from ({STEP_TORCH})"
+            f"({first_line(exc)}); install the torchvision built for that torch, from the index "
+            f"torch came from: {STEP_TORCH}"
         ) from None
     return version

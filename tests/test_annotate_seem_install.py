@@ -142,7 +142,8 @@ def test_torchvision_must_be_installed_and_import(tmp_path, monkeypatch):
         check_torchvision()
     assert str(exc.value) == (
         "torchvision is not installed; install the torchvision built for torch 2.13.0+cpu, "
-        "from the index torch came from (step 0 of the SEEM recipe in docs/annotate.md)"
+        "from the index torch came from: step 0 of the SEEM recipe in docs/annotate.md (torch "
+        "and the torchvision built for it, from one index)"
     )
     # installed, but built for another torch: it fails at import, as PyPI's build does here
     fake = tmp_path / "torchvision"
@@ -158,7 +159,8 @@ def test_torchvision_must_be_installed_and_import(tmp_path, monkeypatch):
     assert str(exc.value) == (
         "torchvision 0.28.0 does not work with torch 2.13.0+cpu (operator torchvision::nms does "
         "not exist); install the torchvision built for that torch, from the index torch came "
-        "from (step 0 of the SEEM recipe in docs/annotate.md)"
+        "from: step 0 of the SEEM recipe in docs/annotate.md (torch and the torchvision built "
+        "for it, from one index)"
     )
     monkeypatch.delitem(sys.modules, "torchvision", raising=False)
 
