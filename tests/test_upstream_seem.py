@@ -9,7 +9,8 @@ takes the matching torch + torchvision pair this machine has, and the checkpoint
 downloads are left to the tests (random weights saved as a checkpoint by SEEM's own code, a
 tiny CLIP tokenizer). The environment is kept in ``.upstream-cache/<key>/`` (ignored by git;
 ``CONFORMALSAM_UPSTREAM_CACHE`` moves it), keyed by the recipe's text and the files it runs, so
-that a second run reuses it; the project's code under test always comes from this checkout.
+that a second run reuses it (only the latest is kept); the project's code under test always
+comes from this checkout.
 
 SEEM is CUDA-only: its processes run with CUDA simulated on the CPU (``tests/_cuda_sim.py``,
 loaded by ``tests/upstream/sitecustomize.py``). ``CONFORMALSAM_SEEM_DEVICE=cuda`` runs them on a
@@ -136,7 +137,8 @@ def recipe() -> dict:
     home = cache / _environment_key(script)
     log = home / "recipe.log"
     if not (home / "done").is_file():
-        shutil.rmtree(home, ignore_errors=True)
+        for old in cache.glob("*"):  # only the latest environment is kept (each ~6 GB)
+            shutil.rmtree(old, ignore_errors=True)
         (home / "project").mkdir(parents=True)
         _copy_project(home / "project")
         (home / "recipe.sh").write_text(script + "\n")
@@ -166,8 +168,9 @@ def _seem_root(recipe: dict) -> Path:
 
 
 def _run(recipe: dict, args: list[str], cwd: Path, timeout: int = 900, **env: str):
-    """A Python process in the recipe's environment: this checkout's code first on the path,
-    then tests/upstream (simulated CUDA unless CONFORMALSAM_SEEM_DEVICE=cuda)."""
+    """A Python process in the recipe's environment, with tests/upstream (its sitecustomize:
+    simulated CUDA unless CONFORMALSAM_SEEM_DEVICE=cuda) and this checkout's code first on the
+    path."""
     paths = [str(SITE), str(REPO)]
     if not recipe["home"]:  # the caller's environment: its own path, the fork's snapshot
         paths += [str(UPSTREAM / "detectron2-xyz"), os.environ.get("PYTHONPATH", "")]
