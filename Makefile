@@ -56,7 +56,7 @@ test: $(STAMP)
 # SEEM's real code: docs/annotate.md's recipe run in a fresh virtual environment (kept in
 # .upstream-cache/, about 6.5 GB), then `annotate run` against SEEM's own forward. Needs
 # ../shared/upstream. On 2 cores shared with other jobs: 6-7 minutes to build the environment
-# (once per recipe text), 7-10 for the tests.
+# (once per recipe text), 5-10 for the tests.
 test-upstream: $(STAMP)
 	$(PY) -m pytest -q -m upstream -p no:cacheprovider $(UPSTREAM_ARGS)
 
