@@ -390,37 +390,65 @@ def show(
 @handle_errors
 def seem_requirements(
     seem_root: Annotated[Path, typer.Argument(help="A checkout of SEEM's repository (v1.0).")],
+    detectron2: Annotated[
+        Path | None,
+        typer.Option(
+            help="A checkout of SEEM's detectron2 fork (MaureenZOU/detectron2-xyz): also write "
+            "detectron2-xyz.pth, which puts it on an environment's path."
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Folder for seem-requirements.txt and seem-constraints.txt.")
     ] = Path("."),
 ) -> None:
     """Write SEEM's requirements without its pins (and a constraints file that keeps this
-    project's installed versions); print the commands that install SEEM next to it."""
+    project's installed versions, torchvision included); print the commands that install SEEM
+    next to it (docs/annotate.md, "SEEM")."""
+    import sysconfig
+
     from annotate.seem_install import (
+        check_torchvision,
         constraints,
         filter_requirements,
         read_seem_requirements,
         render,
+        write_path_file,
     )
     from data_manifest.io import atomic_write_text
 
     filtered = filter_requirements(read_seem_requirements(seem_root), str(seem_root))
+    check_torchvision()
     out.mkdir(parents=True, exist_ok=True)
+    pth = write_path_file(detectron2, out) if detectron2 is not None else None
     req, con = out / "seem-requirements.txt", out / "seem-constraints.txt"
     atomic_write_text(req, render(filtered, seem_root))
     atomic_write_text(con, "\n".join(constraints()) + "\n")
     from rich.markup import escape
 
     rows = [[escape(line), "left out", escape(why)] for line, why in filtered.dropped]
-    rows += [[line, "built separately", "against the installed torch"] for line in filtered.build]
+    rows += [[line, "on the path", "--detectron2: nothing to build"] for line in filtered.build]
     rows += [[name, "added", escape(why)] for name, why in filtered.extra]
     console.print(table("SEEM's requirements", ["requirement", "", "why"], rows))
-    build = " ".join(f"'{b}'" for b in filtered.build)
+    site = sysconfig.get_path("purelib")
     console.print(
-        f"wrote {req} ({len(filtered.keep)} packages, unpinned) and {con}\n"
-        "install SEEM's requirements next to this project with:\n"
+        f"wrote {req} ({len(filtered.keep)} packages, unpinned) and {con}"
+        + (f" and {pth}" if pth else "")
+        + "\ninstall SEEM's requirements next to this project with:\n"
         f"  pip install -r {req} -c {con}\n"
-        + (f"  pip install --no-build-isolation -c {con} {build}\n" if build else ""),
+        + (f"  cp {pth} {site}\n" if pth else "  (and SEEM's detectron2 fork: --detectron2)\n"),
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command("seem-check")
+@handle_errors
+def seem_check(
+    seem_root: Annotated[Path, typer.Argument(help="A checkout of SEEM's repository (v1.0).")],
+) -> None:
+    """Import SEEM's code as `annotate run` does and print the versions it runs with; a failure
+    is one line naming the step of the recipe (docs/annotate.md) to redo."""
+    from annotate.seem import check_install
+
+    rows = [[name, version] for name, version in check_install(str(seem_root)).items()]
+    console.print(table("SEEM imports", ["package", "version"], rows))
