@@ -221,3 +221,19 @@ def test_fit_under_torchrun_leaves_no_process_group(tiny, tmp_path, monkeypatch)
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_the_renamed_mode_is_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[train]\nstage2_mode = "weak_strong"\n')
+    r = CliRunner().invoke(app, ["fit", "--config", str(cfg), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1
+    assert f'{cfg}: [train] stage2_mode = "weak_strong" was renamed "fixmatch"' in r.output
+    r = CliRunner().invoke(
+        app, ["fit", "--config", str(cfg), "--stage2-mode", "mean_teacher", "--out", str(tmp_path)]
+    )
+    assert r.exit_code == 1 and "--stage2-mode = 'mean_teacher': expected one of" in r.output
