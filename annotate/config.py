@@ -96,21 +96,32 @@ def _local_workers(scheduler: str) -> int:
     return int(n) if head == "local" and n.isdigit() else 0
 
 
-def auto_topk(num_classes: int) -> int:
-    """Default k for top-k storage of unlabeled images: min(K // 3, 4), at least 2 (K − 1 for
-    K = 3); 0 (off) when K <= 2.
+#: the largest class count for which ``topk = -1`` (auto) stores full scores
+FULL_SCORES_MAX_CLASSES = 12
+#: k of ``topk = -1`` (auto) above that
+AUTO_K = 4
 
-    k >= 2 because the paper's pseudo-label (LAC sets, one q̂, the most probable foreground
-    class of the set) is then decided by the stored classes alone, up to float16 rounding
-    (see ``calibrate.topk``); at k = 1 the second class decides the foreground-over-background
-    rule and `calibrate` must leave such pixels open (255). Measured by
-    ``bench/annotate_cache.py`` on the demo (7 classes, 300 unlabeled images, q̂ = 0.995 at
-    α = 0.05): k = 2 stores 0.066 of the bytes of float32 logits with 99.999 % of LAC
-    pseudo-label pixels unchanged. Compressed top-k costs about 1.3 bytes per pixel and stored
-    class, so k <= K / 3 keeps within 1/8 of the 4 K bytes of float32 logits (k = 2 exceeds it
-    for K < 6). Class mode and ``max_set_size`` can depend on more classes than the stored
-    ones: `calibrate` counts such pixels and refuses above a limit.
+
+def auto_topk(num_classes: int) -> int:
+    """The top-k storage of ``topk = -1`` (auto): 0 (full scores) for K <= 12 classes, top-4
+    above.
+
+    Why full scores when K is small: a top-k entry keeps probabilities in float16, whose step
+    just below 1 is 2^-11, so whether a pixel passes the LAC threshold 1 − q̂ is unknown when
+    its p lies within half a step (2^-12 ≈ 0.00024) of it; a confident annotator puts the
+    threshold near 1 at large α, where its probabilities crowd (the demo at α = 0.3: q̂ ≈
+    0.002; in class mode background's own q̂ is that small from α = 0.2 on). `calibrate`
+    leaves such pixels open (255) and refuses above
+    ``topk_undetermined_max``: on the demo's top-2 cache, α = 0.3 left 1.1 % of the unlabeled
+    pixels open in pixel mode, and α ≥ 0.2 left 61 % open in class mode. No k helps; full
+    scores (float16 raw scores, as labeled images are stored) give every later α, mode and
+    set rule exactly. Their cost: 2K bytes per pixel before compression, against 3k for top-k
+    (uint8 index + float16 probability), and logits compress less than saturated
+    probabilities: on the demo (K = 7) an unlabeled image takes 188 KB instead of 31 KB as
+    top-2 (6.1x; 0.41 of float32 logits instead of 0.067; docs/annotate.md). Above 12 classes
+    (Cityscapes 19, VOC 21, ADE20K 150: 38-300 bytes per pixel) top-4 (12 bytes) stays the
+    default; annotate the unlabeled split again with ``topk = 0`` if calibrate refuses an α.
     """
-    if num_classes <= 2:
+    if num_classes <= FULL_SCORES_MAX_CLASSES:
         return 0
-    return max(2, min(num_classes - 1, num_classes // 3, 4))
+    return AUTO_K

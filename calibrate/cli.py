@@ -146,8 +146,6 @@ def run(
         return
     for t in report.summary_tables(result["figures"]):
         console.print(t)
-    if result["figures"].get("risk"):
-        console.print(risk_table(result["figures"]["risk"]))
     tm = result["timings"]
     console.print(
         table(
@@ -163,43 +161,12 @@ def run(
             ],
         )
     )
+    print_link(Path(conf.out_dir) / "report.html")
 
 
-def risk_table(fig: dict[str, Any]) -> Any:
-    """Method risk: τ̂, its certificate, and the kept-pixel figures where labels allow."""
-    sel = fig["selection"]
-
-    def f(v: Any) -> str:
-        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-    rows = [
-        ["control", f"{fig['control']}" + (f" (δ = {fig['delta']})" if fig["delta"] else "")],
-        ["ε (target error of kept pixels)", f(fig["epsilon"])],
-        [
-            "τ (confidence threshold, PNGs)",
-            "keeps nothing" if fig["keeps_nothing"] else f(fig["tau"]),
-        ],
-        ["calibration images", f(sel["images"])],
-        [
-            "certificate" + (" (CRC bound ≤ ε)" if fig["control"] == "crc" else " (p-value ≤ δ)"),
-            f(sel["statistic"]),
-        ],
-    ]
-    if sel["note"]:
-        rows.append(["note", sel["note"]])
-    for name in ("calibration", "held_out", "val"):
-        d = fig.get(name)
-        if d and d.get("images"):
-            rows.append(
-                [
-                    f"{name}: kept fraction / kept error / mean image error",
-                    f"{f(d['kept_fraction'])} / {f(d['kept_error'])} / {f(d['mean_image_error'])}"
-                    + (
-                        f" (τ = {f(d['tau'])}, from the other images)" if name == "held_out" else ""
-                    ),
-                ]
-            )
-    return table(f"risk control: {fig['guarantee']}", ["", "value"], rows)
+def print_link(path: Path) -> None:
+    """The command's last line: a plain link to the report, which terminals make clickable."""
+    console.print(f"report: {path.resolve().as_uri()}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -231,7 +198,7 @@ def evaluate(
     batch: Annotated[int, typer.Option(help="Images per Dask task.")] = 8,
 ) -> None:
     """Pseudo-label quality against true labels, several folders side by side, and the
-    annotator's risk-coverage curve (evaluation.json, risk_coverage.png)."""
+    annotator's risk-coverage curve (evaluation.json, risk_coverage.png, report.html)."""
     paths = [Path(p) for p in folders]
     for p in paths:
         if not p.is_dir():
@@ -252,6 +219,7 @@ def evaluate(
     result = evaluate_mod.run(
         m, cpath, paths, out, scheduler, workers, batch, show_progress=not is_quiet()
     )
+    html = report.write_evaluation_html(out, result, m, cpath, paths)
     if is_quiet():
         return
     for t in evaluate_mod.summary_tables(result):
@@ -259,3 +227,4 @@ def evaluate(
     for note in result["notes"]:
         console.print(f"note: {note}")
     console.print(f"wrote {out / 'evaluation.json'} and {out / 'risk_coverage.png'}")
+    print_link(html)

@@ -46,7 +46,8 @@ class CalibrateConfig:
         workers: threads or worker processes; 0 = one per CPU core.
         batch: images per Dask task.
         plots: draw the PNG plots (off saves a few seconds per run in sweeps).
-        overlays: how many unlabeled images the overlay plot shows.
+        overlays: how many unlabeled images the overlay plot shows (worst first).
+        gallery: how many unlabeled images report.html shows (worst first).
         cache: the cache to read; unset = ``[annotate] cache``, else ``{run_dir}/cache.zarr``.
         out_dir: the output folder; unset = ``{run_dir}/pseudo/{method}``.
     """
@@ -70,6 +71,7 @@ class CalibrateConfig:
     batch: int = 8
     plots: bool = True
     overlays: int = 4
+    gallery: int = 12
     cache: str | None = None
     out_dir: str | None = None
 
@@ -104,6 +106,8 @@ class CalibrateConfig:
             raise ValueError(f"batch = {self.batch!r}: expected >= 1")
         if self.overlays < 0:
             raise ValueError(f"overlays = {self.overlays!r}: expected >= 0")
+        if self.gallery < 0:
+            raise ValueError(f"gallery = {self.gallery!r}: expected >= 0")
         s = self.scheduler
         if s not in ("threads", "processes", "synchronous") and not s.startswith("tcp://"):
             raise ValueError(

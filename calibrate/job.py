@@ -550,7 +550,7 @@ def _figures(
         "qhat": report.qhat_json(qinfo["all"], ia, conf, manifest.classes),
         "rule": {k: (v.to_json() if v is not None else None) for k, v in out.rules.items()},
         "risk": out.risk,
-        "qhat_used_by_pngs": "q̂ from all labeled images",
+        "qhat_used_by_pngs": report.PNG_RULE.get(conf.method, "q̂ from all labeled images"),
         "calibration": {
             "images": len(plan.cal) + len(plan.held),
             "pixels": out.n_pixels,

@@ -89,28 +89,54 @@ def _jpeg_complete(buf: np.ndarray) -> bool:
     return tail.endswith(b"\xff\xd9")
 
 
+# Lossless formats a label may be stored in; a lossy one (JPEG, WebP, JPEG 2000) changes class
+# values where classes meet, so its "labels" are not the annotation
+LOSSLESS_LABEL_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM")
+
+
+def label_format_problem(im: Image.Image) -> str:
+    """Why an opened (not yet decoded) label image cannot hold class indices ("" when it can):
+    a lossy file format, or a mode other than palette ("P") or 8-bit greyscale ("L")."""
+    fmt = im.format or "unknown"
+    lossy = fmt not in LOSSLESS_LABEL_FORMATS or (
+        fmt == "TIFF" and "jpeg" in str(im.info.get("compression", "")).lower()
+    )
+    if lossy:
+        return (
+            f"label is a {fmt} file, a lossy format that changes class values where classes "
+            "meet; expected a lossless PNG of class indices (convert the original annotation, "
+            "not this file)"
+        )
+    if im.mode not in ("P", "L"):
+        return (
+            f"label image has mode {im.mode!r}; expected a palette ('P') or 8-bit greyscale "
+            "('L') PNG of class indices"
+        )
+    return ""
+
+
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """Read a label PNG as class indices, never through colour conversion.
 
     Palette ("P") images give their palette indices (VOC, our pseudo-labels); greyscale ("L")
-    images give their values (ADE20K, Cityscapes labelTrainIds).
+    images give their values (ADE20K, Cityscapes labelTrainIds). Lossy formats (JPEG, WebP)
+    are refused, whatever the file's name (see :func:`label_format_problem`).
 
     Returns:
         uint8 array of shape (H, W).
     Raises:
-        UserError: missing, unreadable, truncated, or not a palette/greyscale 8-bit image.
+        UserError: missing, unreadable, truncated, lossy, or not a palette/greyscale 8-bit
+            image.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: label file not found")
     try:
         with Image.open(path) as im:
+            problem = label_format_problem(im)
+            if problem:
+                raise UserError(f"{path}: {problem}")
             im.load()
-            if im.mode not in ("P", "L"):
-                raise UserError(
-                    f"{path}: label image has mode {im.mode!r}; expected a palette ('P') or "
-                    "8-bit greyscale ('L') PNG of class indices"
-                )
             return np.asarray(im, dtype=np.uint8).copy()
     except UserError:
         raise

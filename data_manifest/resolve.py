@@ -97,6 +97,10 @@ def resolve_manifest(cfg: dict[str, Any], manifest: str | None = None, quiet: bo
                     demo.generate(dc.demo_root, params, tick=lambda: bar.advance(task))
     if not path.is_file():
         hint = f" (demo = true writes {dc.demo_root}/source and /target)" if dc.demo else ""
+        if not path.is_absolute():
+            hint += (
+                f" (relative paths in a run config are read from the current folder, {Path.cwd()})"
+            )
         raise UserError(
             f"{source}: [data] manifest = {str(path)!r} does not exist{hint}; expected a "
             "manifest.jsonl made by python -m data_manifest build"

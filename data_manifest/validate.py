@@ -280,7 +280,8 @@ def validate(
         problems.append(
             Problem(
                 f"{path}: split 'labeled' is empty; expected at least one "
-                "labeled image with a valid label"
+                "labeled image with a valid label (build folder takes labels from labels/: "
+                "--labels names another folder; `data_manifest split` draws a labeled split)"
             )
         )
     problems.sort(key=lambda p: (p.line is None, p.line or 0))

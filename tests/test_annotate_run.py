@@ -80,7 +80,7 @@ def test_native_resolution_and_topk_for_unlabeled(setup):
     m = data_manifest.load(man)
     run_annotation(_cfg(model, topk=1), m, tmp / "c.zarr")
     cache = open_cache(tmp / "c.zarr")
-    assert cache.meta.topk == 1 and auto_topk(3) == 2 and auto_topk(7) == 2 and auto_topk(21) == 4
+    assert cache.meta.topk == 1 and auto_topk(3) == 0 and auto_topk(7) == 0 and auto_topk(21) == 4
     for row in m.rows:
         logits = reference_logits(model, m.read_image(row), META["mean"], META["std"])
         ref = resize_chw(softmax(logits), row.height, row.width)
@@ -198,6 +198,7 @@ def test_two_shard_processes_equal_one_run(setup):
         model=str(model),
         batch_size=2,
         device="cpu",
+        topk=2,  # both storage modes
     )
     procs = [
         _cli(["run", "--config", str(conf), "--shard", f"{i}/2", "--no-progress"]) for i in range(2)
@@ -361,7 +362,7 @@ def test_cli_user_errors_are_one_line(setup, extra, expect):
 def test_inspect_and_show(setup):
     tmp, man, model = setup
     m = data_manifest.load(man)
-    run_annotation(_cfg(model), m, tmp / "run" / "cache.zarr")
+    run_annotation(_cfg(model, topk=2), m, tmp / "run" / "cache.zarr")  # both storage modes
     r = runner.invoke(app, ["inspect", str(tmp / "run"), "--json", str(tmp / "s.json")])
     assert r.exit_code == 0, r.output
     s = json.loads((tmp / "s.json").read_text())

@@ -33,8 +33,10 @@ import pytest
 import torch
 from _annotate_fixtures import save_torchscript
 from _calibrate_fixtures import CLASSES, PALETTE, make_dataset
+from PIL import Image
 from typer.testing import CliRunner
 
+import data_manifest
 from annotate.cli import app as annotate_app
 from calibrate.cli import app as calibrate_app
 from data_manifest.cli import app as manifest_app
@@ -557,6 +559,10 @@ DATA_MANIFEST = [
             shutil.copy(
                 c.w.root / "ds" / "images" / "lab000.png", c.t / "own" / "images" / "a.png"
             ),
+            (c.t / "own" / "labels").mkdir(),
+            shutil.copy(
+                c.w.root / "ds" / "labels" / "lab000.png", c.t / "own" / "labels" / "a.png"
+            ),
             locked("ro")(c),
         ),
     ),
@@ -611,7 +617,186 @@ DATA_MANIFEST = [
     case("unknown_option", "dm", f"validate {M} --fast", "No such option: --fast", code=2),
     case("unknown_command", "dm", "valdate x", "No such command 'valdate'", code=2),
     case("missing_argument", "dm", "validate", "Missing argument 'manifest'", code=2),
+    # data in: what the builders take from a folder, and what they refuse
+    case(
+        "build_folder_duplicate_class_name",
+        "dm",
+        "build folder {t}/own",
+        "own/classes.txt:3: class name 'wall' is also on an earlier line; expected each class once",
+        setup=lambda c: own_folder(c, classes="backdrop\nwall\nwall\n"),
+    ),
+    case(
+        "build_folder_jpeg_label",
+        "dm",
+        "build folder {t}/own",
+        "own/labels/a.jpg: label is a JPEG file, a lossy format",
+        "expected a lossless PNG of class indices",
+        setup=lambda c: own_folder(c, label="a.jpg"),
+    ),
+    case(
+        "build_folder_labels_named_mask",
+        "dm",
+        "build folder {t}/own",
+        "own/labels: no label file matches an image: 1 files (first: labels/a_mask.png)",
+        "expected labels/<name>.png for images/<name>.<ext>",
+        "--label-suffix _mask matches 1 of them",
+        setup=lambda c: own_folder(c, label="a_mask.png"),
+    ),
+    case(
+        "build_folder_no_label_folder",
+        "dm",
+        "build folder {t}/own",
+        "own/labels: label folder not found",
+        "masks/ holds 1 PNG files: --labels masks?",
+        setup=lambda c: own_folder(c, label="a.png", labels="masks"),
+    ),
+    case(
+        "validate_greyscale_jpeg_label",
+        "dm",
+        "validate {t}/own/manifest.jsonl",
+        "label = 'labels/a.jpg': label is a JPEG file, a lossy format",
+        setup=lambda c: manifest_with_label(c, "a.jpg"),
+        style="problems",
+    ),
 ]
+
+
+def own_folder(
+    c: Ctx, classes: str = "background\nthing\n", label: str = "a.png", labels: str = "labels"
+) -> Path:
+    """``{t}/own``: a folder-layout dataset with one image ``images/a.png`` and its label
+    saved as ``<labels>/<label>`` (a greyscale JPEG when the name ends in .jpg)."""
+    root = c.t / "own"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text(classes)
+    shutil.copy(c.w.root / "ds" / "images" / "lab000.png", root / "images" / "a.png")
+    lab = np.asarray(Image.open(c.w.root / "ds" / "labels" / "lab000.png"))
+    (root / labels).mkdir()
+    Image.fromarray(lab.astype(np.uint8), mode="L").save(root / labels / label)
+    return root
+
+
+def manifest_with_label(c: Ctx, label: str) -> None:
+    """``{t}/own/manifest.jsonl`` whose labeled row names ``labels/<label>`` (written by hand,
+    as a builder would refuse a JPEG label)."""
+    root = own_folder(c, label=label)
+    h, w = np.asarray(Image.open(root / "images" / "a.png")).shape[:2]
+    meta = Meta(dataset="own", classes=["background", "thing"], palette=[[0, 0, 0], [9, 9, 9]])
+    row = Row(
+        id="a", image="images/a.png", label=f"labels/{label}", split="labeled", height=h, width=w
+    )
+    from data_manifest import Manifest
+
+    Manifest(meta=meta, rows=[row]).save(root / "manifest.jsonl")
+
+
+def _dm(*args: object) -> object:
+    r = runner.invoke(manifest_app, [str(a) for a in args])
+    assert "Traceback" not in r.output
+    return r
+
+
+def _flat(text: str) -> str:
+    """A table's text without its borders and line breaks (cells wrap long findings)."""
+    return " ".join(re.sub(r"[│┃┏┓┗┛┡┩└┘━─┳┻╇╈┼┬┴]", " ", text).split())
+
+
+def test_build_voc_honours_the_folders_classes_txt(tmp_path: Path) -> None:
+    """A VOC-layout folder with its own 7-class classes.txt: the manifest has those 7 names."""
+    from _data_manifest_fixtures import make_voc
+
+    root = make_voc(tmp_path / "VOC", sbd=())
+    names = ["backdrop", "wall", "lawn", "stones", "animal", "drink", "money"]
+    (root / "classes.txt").write_text("".join(n + "\n" for n in names))
+    r = _dm("build", "voc", root, "--background-index", "0")
+    assert r.exit_code == 0, r.output
+    m = data_manifest.load(root / "manifest.jsonl")
+    assert m.classes == names and len(m.palette) == 7 and m.meta.background_index == 0
+    assert f"7 from {root / 'classes.txt'}" in _flat(r.stdout)
+
+
+def test_build_folder_reports_label_files_it_skips(tmp_path: Path) -> None:
+    """Labels named *_mask.png beside plain ones: the ones that match no image are reported
+    with the reason and the option that would take them; --label-suffix takes them."""
+    from _data_manifest_fixtures import write_grey_label, write_png_image
+
+    root = tmp_path / "own"
+    root.mkdir()
+    (root / "classes.txt").write_text("background\nthing\n")
+    for n in ("a", "b", "c"):
+        write_png_image(root / "images" / f"{n}.png", 4, 5)
+    lab = np.zeros((4, 5), np.uint8)
+    write_grey_label(root / "labels" / "a.png", lab)
+    write_grey_label(root / "labels" / "b_mask.png", lab)
+    write_grey_label(root / "labels" / "c_mask.png", lab)
+    (root / "images" / "notes.txt").write_text("x")
+    r = _dm("build", "folder", root)
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert any(
+        "2 files left out: a label file that matches no image" in w
+        and "--label-suffix _mask matches 2 of them" in w
+        and "(first: labels/b_mask.png)" in w
+        for w in warnings
+    ), warnings
+    assert any("1 file left out: not an image (.txt;" in w for w in warnings), warnings
+    m = data_manifest.load(root / "manifest.jsonl")
+    assert [r.id for r in m.split("labeled")] == ["a"]
+    r = _dm("build", "folder", root, "--label-suffix", "_mask", "-o", tmp_path / "m2.jsonl")
+    assert r.exit_code == 0, r.output
+    m2 = data_manifest.load(tmp_path / "m2.jsonl")
+    assert {r.id: r.label for r in m2.split("labeled")} == {
+        "b": "labels/b_mask.png",
+        "c": "labels/c_mask.png",
+    }
+
+
+def test_build_folder_exif_rotated_jpeg_gets_the_readers_size(tmp_path: Path) -> None:
+    """A JPEG whose EXIF orientation turns it by 90°: the manifest row has the size the readers
+    decode (rotated), so validate passes instead of asking to rebuild the manifest."""
+    root = tmp_path / "own"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("background\nthing\n")
+    im = Image.fromarray(np.full((20, 40, 3), 128, np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    im.save(root / "images" / "a.jpg", exif=exif.tobytes())
+    (root / "labels").mkdir()
+    Image.fromarray(np.zeros((40, 20), np.uint8), mode="L").save(root / "labels" / "a.png")
+    r = _dm("build", "folder", root)
+    assert r.exit_code == 0, r.output
+    m = data_manifest.load(root / "manifest.jsonl")
+    row = m.row("a")
+    assert (row.height, row.width) == m.read_image(row).shape[:2] == (40, 20)
+    r = _dm("validate", root / "manifest.jsonl")
+    assert r.exit_code == 0 and "no problems" in r.stdout, r.output
+
+
+def test_build_folder_summary_says_what_went_where(tmp_path: Path) -> None:
+    """The summary: images per split, labels found, what was left out, and which class is the
+    background, or that none is and what that switches off."""
+    from _data_manifest_fixtures import write_grey_label, write_png_image
+
+    root = tmp_path / "own"
+    root.mkdir()
+    (root / "classes.txt").write_text("backdrop\nthing\n")
+    for n in ("a", "b", "c"):
+        write_png_image(root / "images" / f"{n}.png", 4, 5)
+    write_grey_label(root / "masks" / "a.png", np.zeros((4, 5), np.uint8))
+    r = _dm("build", "folder", root, "--labels", "masks")
+    assert r.exit_code == 0, r.output
+    out = _flat(r.stdout)
+    for text in (
+        "1 labeled, 2 unlabeled, 0 val",
+        "1 in masks/ (2 images without one: unlabeled)",
+        "none (no class is named 'background'): calibrate's foreground preference is off",
+    ):
+        assert text in out, (text, out)
+    assert "if 'backdrop' is the background, rebuild with --background-index 0" in r.stderr
+    r = _dm("build", "folder", root, "--labels", "masks", "--background-index", "0")
+    assert r.exit_code == 0 and "class 0 'backdrop'" in r.stdout and not r.stderr.strip()
+    assert data_manifest.load(root / "manifest.jsonl").meta.background_index == 0
+
 
 ANNOTATE = [
     case("config_missing", "an", "run --config {t}/no.toml", "no.toml: config file not found"),
@@ -1483,7 +1668,7 @@ def test_output_to_a_file_has_no_bars_no_wrapping_no_blank_lines(
     assert p.returncode == 0, p.stderr
     for stream in (p.stdout, p.stderr):
         assert stream and not stream.startswith("\n") and "\x1b[" not in stream
-    assert "figures at alpha = 0.05 (target coverage 0.95)\n" in p.stdout
+    assert "prediction sets at alpha = 0.05 (target coverage 0.95)\n" in p.stdout
     assert any(str(out) in line for line in p.stdout.splitlines())  # the long path: one line
     lines = p.stderr.strip().splitlines()
     assert lines and all(PROGRESS_LINE.match(ln) for ln in lines), lines
