@@ -10,10 +10,11 @@ Rows (each trained with every seed; Stage I only unless the row says Stage II):
   2. + raw annotator masks (argmax, no filtering)
   3. + CP, the paper's rule (pixel-wise, α = 0.05)
   4. + CP + Stage II self-reliance
-  5. + confidence threshold keeping as many pixels as CP
-  6. + risk control (ours: ε = 0.1, conformal risk control over images)
-  7. + risk control + Stage II
-  8. + class-conditional CP (α = 0.05, foreground preference among informative classes)
+  5. + CP + UniMatch Stage II (stage2_mode = "unimatch": UniMatch's unimatch.py step)
+  6. + confidence threshold keeping as many pixels as CP
+  7. + risk control (ours: ε = 0.1, conformal risk control over images)
+  8. + risk control + Stage II
+  9. + class-conditional CP (α = 0.05, foreground preference among informative classes)
 
 Paired seeds: a seed fixes the model's initialisation and, through the trainer's sampling (a
 pure function of seed, stream and position), the order of the labeled and unlabeled batches and
@@ -91,6 +92,7 @@ ROWS = [
     Row("raw", "+ raw annotator masks", "raw", ("--no-stage2",)),
     Row("cp", "+ CP (paper's rule, pixel, α = 0.05)", "cp", ("--no-stage2",)),
     Row("cp_stage2", "+ CP + Stage II", "cp", ("--stage2",)),
+    Row("cp_unimatch", "+ CP + UniMatch Stage II", "cp", ("--stage2", "--stage2-mode", "unimatch")),
     Row("threshold", "+ threshold keeping CP's pixel count", "threshold", ("--no-stage2",)),
     Row("risk", "+ risk control (ε = 0.1, ours)", "risk", ("--no-stage2",)),
     Row("risk_stage2", "+ risk control + Stage II", "risk", ("--stage2",)),

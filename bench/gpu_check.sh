@@ -10,7 +10,10 @@
 #
 # Steps (each logged to OUT/<step>.log, a failing step does not stop the next):
 #   1. the GPU tests: SEEM double and transformers adapters on CUDA, device post-processing,
-#      the trainer on CUDA, NCCL collectives (pytest -m gpu)
+#      the trainer on CUDA (Stage II "unimatch" with AMP, channels-last, DDP over NCCL), one
+#      fixmatch.py / unimatch.py step against UniMatch's own loop with its .cuda() calls (needs
+#      ../shared/upstream/unimatch beside the checkout, skipped otherwise), NCCL collectives
+#      (pytest -m gpu)
 #   2. annotation speed at VOC size, K = 21: DeepLabV3+ R101 and the 1x1-conv ceiling, top-k
 #   3. training speed: the real loop over a bare loop, DeepLabV3+ R101, AMP, channels-last
 #   4. SEEM's real code on CUDA (../shared/upstream's snapshots): `annotate run` against SEEM's

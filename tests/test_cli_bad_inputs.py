@@ -44,8 +44,8 @@ from data_manifest.errors import UserError
 from data_manifest.io import write_label_png
 from data_manifest.manifest import Meta, Row, compute_fingerprint
 from data_manifest.ownership import OWNER_FILE
+from train.checkpoint import checkpoint_info, save_checkpoint
 from train.cli import app as train_app
-from train.inference import checkpoint_info, save_checkpoint
 from train.models import build_model
 
 APPS = {"dm": manifest_app, "an": annotate_app, "ca": calibrate_app, "tr": train_app}

@@ -70,7 +70,7 @@ def make_model(tmp: Path) -> None:
     import torch
 
     from data_manifest.layouts import voc_colormap
-    from train.inference import checkpoint_info, save_checkpoint
+    from train.checkpoint import checkpoint_info, save_checkpoint
     from train.models import build_model
 
     torch.manual_seed(0)

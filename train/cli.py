@@ -92,6 +92,13 @@ def fit(
             help="Train on the labeled split only (the baseline), same schedule.",
         ),
     ] = None,
+    stage2_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="Stage II: self (own predictions, same view), fixmatch (UniMatch's "
+            "fixmatch.py) or unimatch (UniMatch's unimatch.py)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
     resume: Annotated[
@@ -113,6 +120,7 @@ def fit(
         "pseudo_dir": pseudo_dir,
         "stage2": stage2,
         "labeled_only": labeled_only,
+        "stage2_mode": stage2_mode,
         "device": device,
         "workers": workers,
     }

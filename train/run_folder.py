@@ -35,7 +35,7 @@ from data_manifest.config import write_resolved
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_json, atomic_write_text
 from data_manifest.ownership import check_claim, claim
-from train.inference import read_checkpoint, save_checkpoint
+from train.checkpoint import read_checkpoint, save_checkpoint
 from train.plots import plot_curves
 
 # Keys that may change between a run and its resumption without changing what it computes.
