@@ -16,9 +16,7 @@ Heavy libraries (torch, transformers, SEEM) are imported only when a backend is 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import zipfile
@@ -26,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from annotate.common import IMAGENET_MEAN, IMAGENET_STD, sha256_file
 from annotate.config import DEMO_MODEL, AnnotateConfig
 from data_manifest.errors import UserError
 
@@ -34,8 +33,6 @@ if TYPE_CHECKING:
 
     from data_manifest.manifest import Manifest
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHSCRIPT_META = "annotator.json"
 
 
@@ -71,45 +68,6 @@ class Annotator(Protocol):
         Returns:
             float (B, len(classes), h, w) scores at the model's output resolution.
         """
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type name when the message is empty), for
-    one-line errors that quote a library's complaint."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_folder(path: str | os.PathLike) -> str:
-    """Hex sha256 over the relative names and sha256 of every file below ``path``."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + sha256_file(f).encode())
-    return h.hexdigest()
-
-
-def resize_images(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resize uint8 (B, 3, H, W) images to float (B, 3, *size) with the 0-255 values rounded,
-    as an image library resizing uint8 pixels does (antialiased when shrinking, like PIL)."""
-    import torch.nn.functional as F
-
-    x = images.float()
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if mode in ("nearest", "nearest-exact"):
-        return F.interpolate(x, size=size, mode=mode)
-    x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255)
 
 
 class NetAnnotator:
@@ -190,8 +148,9 @@ def load_torch(
             "a trainer checkpoint (.pt)"
         )
     if not model_path.is_file():
+        what = "is a folder" if model_path.is_dir() else "file not found"
         raise UserError(
-            f"[annotate] model = {str(model_path)!r}: file not found; expected a "
+            f"[annotate] model = {str(model_path)!r}: {what}; expected a "
             "TorchScript file or a trainer checkpoint"
         )
     sha = sha256_file(model_path)
@@ -255,8 +214,9 @@ def load_demo(cfg: AnnotateConfig, manifest: Manifest) -> NetAnnotator:
     path = Path(cfg.model or DEMO_MODEL)
     if not path.is_file() and path != Path(DEMO_MODEL):
         # only the default checkpoint is trained on demand: the training config writes there
+        what = "is a folder" if path.is_dir() else "file not found"
         raise UserError(
-            f"[annotate] model = {str(path)!r}: file not found; expected a demo annotator "
+            f"[annotate] model = {str(path)!r}: {what}; expected a demo annotator "
             f"checkpoint (leave model unset to use, and train once, {DEMO_MODEL})"
         )
     if not path.is_file():

@@ -65,8 +65,10 @@ READ_SCHEMAS = (1, 2)
 NORMALIZATIONS = ("softmax", "sum", "probs")
 _PREFIX = "im-"
 _TMP = ".tmp-"
-_COMPRESSORS = (ZstdCodec(level=3),)
-_ZSTD = Zstd(level=3)  # the same encoder as ZstdCodec(level=3, checksum=False)
+# zstd's frame checksum (xxhash64 of the content, checked by every decoder) makes a changed
+# bit in a chunk an error instead of wrong scores
+_COMPRESSORS = (ZstdCodec(level=3, checksum=True),)
+_ZSTD = Zstd(level=3, checksum=True)  # the same encoder as _COMPRESSORS
 
 
 @dataclass(frozen=True)
@@ -305,18 +307,22 @@ def encode_group(arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> dict[s
 
     The bytes are those zarr writes (metadata made by zarr, chunks encoded with the same
     bytes + zstd codecs), produced without zarr's asynchronous store machinery, which costs
-    several times more than the encoding itself for small groups.
+    several times more than the encoding itself for small groups. The group's attributes are
+    ``attrs`` plus ``chunk_bytes``: the size of each array's chunk file, by array name, so that
+    a missing, emptied or truncated chunk is found without reading it (:meth:`Cache.damaged`).
     """
-    files = {
-        "zarr.json": GroupMetadata(attributes=attrs)
-        .to_buffer_dict(default_buffer_prototype())["zarr.json"]
-        .to_bytes()
-    }
+    files: dict[str, bytes] = {}
+    sizes: dict[str, int] = {}
     for name, a in arrays.items():
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
         files[f"{name}/zarr.json"] = _array_metadata(a.shape, a.dtype)
-        files[f"{name}/c/" + "/".join("0" * a.ndim)] = _ZSTD.encode(a)  # releases the GIL
-    return files
+        chunk = _ZSTD.encode(a)  # releases the GIL
+        files[f"{name}/c/" + "/".join("0" * a.ndim)] = chunk
+        sizes[name] = len(chunk)
+    meta = GroupMetadata(attributes={**attrs, "chunk_bytes": sizes})
+    return {
+        "zarr.json": meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+    } | files
 
 
 _ARRAY_NAMES = ("scores", "topk_index", "topk_prob")
@@ -331,9 +337,30 @@ class _NotSimple(Exception):
     """An array stored in a layout other than one zstd-compressed chunk."""
 
 
-def _read_single_chunk(folder: Path) -> np.ndarray:
-    """Read a one-chunk Zarr v3 array (bytes [+ zstd] codecs) from its files."""
-    meta = json.loads((folder / "zarr.json").read_bytes())
+class _Damaged(Exception):
+    """A file of an image group is missing or unreadable: ``args`` = (file, reason)."""
+
+
+_MODE_ARRAYS = {"scores": ("scores",), "probs": ("scores",), "topk": ("topk_index", "topk_prob")}
+
+
+def _chunk_key(ndim: int) -> str:
+    return "c/" + "/".join("0" * ndim)
+
+
+def _read_single_chunk(folder: Path, strict: bool) -> np.ndarray:
+    """Read a one-chunk Zarr v3 array (bytes [+ zstd] codecs) from its files.
+
+    ``strict``: the group recorded its chunk sizes (:func:`encode_group`, which always writes
+    every chunk), so a missing chunk is damage; in a group without the record (written by an
+    earlier version, or by zarr itself) a missing chunk reads as zarr reads it, all fill value.
+
+    Raises:
+        _Damaged: the chunk is missing (``strict``), or does not decode to the array's size
+            (truncated, emptied or changed: zstd checks its checksum).
+        _NotSimple: another layout (read it through zarr).
+    """
+    meta = _read_json(folder / "zarr.json")
     shape = tuple(meta["shape"])
     grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
     codecs = [c["name"] for c in meta.get("codecs", [])]
@@ -357,12 +384,56 @@ def _read_single_chunk(folder: Path) -> np.ndarray:
         raise _NotSimple
     dtype = np.dtype(meta["data_type"]).newbyteorder("<")
     chunk = folder.joinpath("c", *("0" * len(shape)))
-    if not chunk.is_file():  # never written: all fill value
+    if not chunk.is_file():
+        if strict:
+            raise _Damaged(chunk, "chunk file missing")
         return np.full(shape, meta.get("fill_value", 0), dtype=dtype.newbyteorder("="))
     raw = chunk.read_bytes()
     if codecs[-1] == "zstd":
-        raw = _ZSTD.decode(raw)
+        try:
+            raw = _ZSTD.decode(raw)
+        except RuntimeError as exc:  # numcodecs' message: "Zstd decompression error: ..."
+            raise _Damaged(chunk, str(exc).removeprefix("Zstd decompression error: ")) from None
+    want = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != want:
+        raise _Damaged(chunk, f"holds {len(raw)} bytes of data, expected {want}")
     return np.frombuffer(raw, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise _Damaged(path, "file missing") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _Damaged(path, f"not valid JSON ({exc})") from None
+
+
+def _check_sizes(d: Path) -> None:
+    """The cheap check of one image group ``d`` (see :meth:`Cache.damaged`).
+
+    Raises:
+        _Damaged: the first file missing, unreadable or of the wrong size.
+    """
+    attrs = _read_json(d / "zarr.json").get("attributes")
+    if not isinstance(attrs, dict) or attrs.get("mode") not in _MODE_ARRAYS:
+        raise _Damaged(d / "zarr.json", "no image attributes (mode)")
+    sizes = attrs.get("chunk_bytes")
+    for name in _MODE_ARRAYS[attrs["mode"]]:
+        shape = _read_json(d / name / "zarr.json").get("shape")
+        if not isinstance(shape, list):
+            raise _Damaged(d / name / "zarr.json", "no shape")
+        chunk = d / name / _chunk_key(len(shape))
+        try:
+            size = chunk.stat().st_size
+        except FileNotFoundError:
+            if sizes is None:  # no record: maybe a chunk zarr never wrote (all fill value)
+                continue
+            raise _Damaged(chunk, "chunk file missing") from None
+        want = sizes.get(name) if isinstance(sizes, dict) else None
+        if (want is not None and size != want) or size == 0:
+            expected = f"{want} bytes" if want is not None else "data"
+            raise _Damaged(chunk, f"chunk file holds {size} bytes, expected {expected}")
 
 
 class Cache:
@@ -440,18 +511,65 @@ class Cache:
         """
         if image_id not in self:
             raise UserError(f"{self.path}: image {image_id!r} is not in the cache")
+        try:
+            return self._load(image_id, arrays)
+        except _Damaged as exc:
+            path, reason = exc.args
+            raise UserError(
+                f"{path}: {reason}; image {image_id!r} of the cache {self.path} is damaged; "
+                "expected complete image data (python -m annotate run --verify finds damaged "
+                "images and annotates them again)"
+            ) from None
+
+    def _load(self, image_id: str, arrays: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """:meth:`_read` of a present image; raises _Damaged for missing or unreadable data."""
         d = self.path / "images" / image_key(image_id)
         try:
-            attrs = json.loads((d / "zarr.json").read_bytes())["attributes"]
+            attrs = _read_json(d / "zarr.json")["attributes"]
             out = {}
             if arrays:
-                for name in _ARRAY_NAMES:
-                    if (d / name / "zarr.json").is_file():
-                        out[name] = _read_single_chunk(d / name)
+                for name in _MODE_ARRAYS.get(attrs.get("mode"), _ARRAY_NAMES):
+                    if not (d / name / "zarr.json").is_file():
+                        raise _Damaged(d / name / "zarr.json", "array metadata missing")
+                    out[name] = _read_single_chunk(d / name, "chunk_bytes" in attrs)
             return attrs, out
         except _NotSimple:
-            g = self._group(image_id)
-            return dict(g.attrs), {n: a[...] for n, a in g.arrays()} if arrays else {}
+            try:
+                g = self._group(image_id)
+                return dict(g.attrs), {n: a[...] for n, a in g.arrays()} if arrays else {}
+            except Exception as exc:  # zarr and its codecs raise many unrelated types
+                raise _Damaged(d, f"{type(exc).__name__}: {exc}") from None
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise _Damaged(d / "zarr.json", f"no {exc} field") from None
+
+    def damaged(self, ids: Sequence[str], full: bool = False) -> list[tuple[str, str, str]]:
+        """The images of ``ids`` present in the cache whose data is incomplete.
+
+        Without ``full`` only sizes are checked (a few small reads per image): the group and
+        array metadata must parse, every array of the image's mode and its chunk file must be
+        there, and each chunk must have the size recorded when it was written. With ``full``
+        every chunk is also decoded (zstd checks its checksum), which finds any changed byte
+        but reads all data. Images written before sizes and checksums were recorded (earlier
+        versions) are checked as far as zarr's own format allows: their chunks must be
+        non-empty and (``full``) decodable, and a missing chunk reads as zarr reads it (all
+        fill value: zarr itself leaves such chunks unwritten).
+
+        Returns:
+            ``(id, file, reason)`` per damaged image, in the order of ``ids``.
+        """
+        out = []
+        for image_id in ids:
+            if image_id not in self:
+                continue
+            try:
+                if full:
+                    self._load(image_id, arrays=True)
+                else:
+                    _check_sizes(self.path / "images" / image_key(image_id))
+            except _Damaged as exc:
+                path, reason = exc.args
+                out.append((image_id, str(path), reason))
+        return out
 
     def scores(self, image_id: str) -> np.ndarray:
         """float32 (K, H, W) scores at image resolution.
@@ -553,6 +671,18 @@ class CacheWriter(Cache):
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def remove(self, ids: Sequence[str]) -> None:
+        """Remove images (damaged ones, before they are written again): each group is renamed
+        to a temporary name first, so that it stops counting as present at once."""
+        images = self.path / "images"
+        for image_id in ids:
+            tmp = images / f"{_TMP}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+            try:
+                os.rename(images / image_key(image_id), tmp)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def clean_temporaries(self, dead_only: bool = False) -> int:
         """Remove groups left half-written by killed writers. Returns how many were removed.
 
@@ -618,15 +748,66 @@ def create_or_open(path: str | os.PathLike, meta: CacheMeta) -> CacheWriter:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     writer = CacheWriter(path)
-    if writer.meta.schema != SCHEMA:
+    check_writable_by(writer.meta, meta, str(path))
+    return writer
+
+
+def check_writable_by(have: CacheMeta, want: CacheMeta, where: str) -> None:
+    """Refuse adding images made with ``want`` to a cache with metadata ``have``.
+
+    Raises:
+        UserError: an older schema, or the first metadata field that differs.
+    """
+    if have.schema != SCHEMA:
         raise UserError(
-            f"{path}: cache schema is {writer.meta.schema}, written by an earlier version; "
+            f"{where}: cache schema is {have.schema}, written by an earlier version; "
             f"this version reads it but adds images only to schema-{SCHEMA} caches (its "
             "probabilities differ in the last bits); use a new cache path, or finish this "
             "one with the earlier version"
         )
-    check_compatible(writer.meta, meta, str(path))
-    return writer
+    check_compatible(have, want, where)
+
+
+def holds_nothing(path: str | os.PathLike) -> bool:
+    """True for a cache without images or temporaries (only its metadata)."""
+    images = Path(path) / "images"
+    return (
+        (Path(path) / "zarr.json").is_file()
+        and images.is_dir()
+        and all(n == ".keep" for n in os.listdir(images))
+    )
+
+
+def reset_if_empty(path: str | os.PathLike, meta: CacheMeta) -> CacheWriter | None:
+    """Give a cache that holds no image yet the metadata ``meta`` (atomically); None when it
+    holds images or temporaries. A run stopped before its first image (bad settings) must not
+    keep a corrected run from using the same path. Call only while no other process writes to
+    the cache (under its lock)."""
+    path = Path(path)
+    if not holds_nothing(path):
+        return None
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        zarr.open_group(str(tmp), mode="w", attributes=meta.to_attrs())
+        os.replace(tmp / "zarr.json", path / "zarr.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return CacheWriter(path)
+
+
+def writer_lock(path: str | os.PathLike, shard: tuple[int, int] = (0, 1)) -> Any:
+    """The lock of a cache's writer (a context manager): ``.<cache name>.lock`` beside it
+    (the cache itself is created by one atomic rename, under the lock). Shard ``i/n`` of
+    ``n > 1`` holds it shared and its own part exclusively: shards of one count run together;
+    a run of the whole cache excludes every other writer (see :mod:`data_manifest.ownership`).
+    """
+    from data_manifest.ownership import writer_lock as lock
+
+    path = Path(path)
+    i, n = shard
+    return lock(
+        path, lock=path.parent / f".{path.name}.lock", part=None if n == 1 else f"{i}-of-{n}"
+    )
 
 
 def check_compatible(have: CacheMeta, want: CacheMeta, where: str) -> None:

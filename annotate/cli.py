@@ -131,12 +131,21 @@ def run(
     shards: Annotated[
         int | None, typer.Option(help="Shards for --scheduler (default: one per worker).")
     ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Decode every cached image to find damaged ones (default: check file sizes "
+            "only); damaged images are annotated again.",
+        ),
+    ] = False,
     no_progress: Annotated[
         bool,
         typer.Option("--no-progress", hidden=True, help="No progress bar (older name; see -q)."),
     ] = False,
 ) -> None:
     """Annotate the manifest's images into the cache (resumable; re-run to continue)."""
+    from annotate.inspection import report_prefix
     from annotate.run import parse_shard
 
     cfg = load_config(config)
@@ -183,17 +192,18 @@ def run(
         "annotate": {k: v for k, v in section_dict(settings).items() if v not in ("", [], {})},
     }
     try:
-        result = _annotate(settings, m, cache_path, (shard_i, shard_n), no_progress)
+        result = _annotate(settings, m, cache_path, (shard_i, shard_n), no_progress, verify)
     except UserError as exc:  # "[annotate] key = ...": name the option or the config file
         if str(exc).startswith("[annotate] "):
             raise UserError(locate(str(exc), cfg, "annotate", given)) from None
         raise
     if result.meta is not None:
         resolved["annotate"]["topk"] = result.meta.topk  # -1 (auto) resolved to k
-    write_resolved(out_dir / "annotate.toml", resolved)
+    prefix = report_prefix(cache_path)
+    write_resolved(out_dir / f"{prefix}.toml", resolved)
     report = result.report()
     report["config"] = resolved
-    name = "annotate.json" if shard_n == 1 else f"annotate.shard-{shard_i}-of-{shard_n}.json"
+    name = f"{prefix}.json" if shard_n == 1 else f"{prefix}.shard-{shard_i}-of-{shard_n}.json"
     atomic_write_json(out_dir / name, report)
     _print_summary(result, report, settings.splits, cache_path, out_dir / name)
 
@@ -204,6 +214,7 @@ def _annotate(
     cache_path: Path,
     shard: tuple[int, int],
     no_progress: bool,
+    verify: bool = False,
 ) -> RunResult:
     """Run the annotation (here, or on the Dask scheduler the settings name) under a progress
     bar whose rate counts from the moment the model is built."""
@@ -232,8 +243,10 @@ def _annotate(
             from annotate.run import run_on_dask
 
             bar.update(task, description=f"annotate on Dask ({settings.scheduler})")
-            return run_on_dask(settings, m, cache_path)
-        return run_annotation(settings, m, cache_path, shard, on_progress=on_progress)
+            return run_on_dask(settings, m, cache_path, verify=verify)
+        return run_annotation(
+            settings, m, cache_path, shard, on_progress=on_progress, verify=verify
+        )
 
 
 def _print_summary(
@@ -264,6 +277,14 @@ def _print_summary(
         f"{report_path}",
         highlight=False,
     )
+    if result.repaired:
+        console.print(
+            table(
+                "damaged images, annotated again",
+                ["id", "file", "problem"],
+                [[r["id"], r["file"], r["reason"]] for r in result.repaired],
+            )
+        )
     if result.skipped:
         console.print(
             table(
@@ -325,6 +346,20 @@ def inspect(
     )
     if json_out:
         atomic_write_json(json_out, s)
+    if s["damaged"]:
+        console.print(
+            table(
+                "damaged images",
+                ["id", "file", "problem"],
+                [[d["id"], d["file"], d["reason"]] for d in s["damaged"]],
+            )
+        )
+        first = s["damaged"][0]
+        raise UserError(
+            f"{c.path}: {len(s['damaged'])} damaged images (first {first['id']!r}: "
+            f"{first['file']}: {first['reason']}); expected complete image data: python -m "
+            "annotate run annotates them again"
+        )
 
 
 @app.command()
@@ -355,37 +390,65 @@ def show(
 @handle_errors
 def seem_requirements(
     seem_root: Annotated[Path, typer.Argument(help="A checkout of SEEM's repository (v1.0).")],
+    detectron2: Annotated[
+        Path | None,
+        typer.Option(
+            help="A checkout of SEEM's detectron2 fork (MaureenZOU/detectron2-xyz): also write "
+            "detectron2-xyz.pth, which puts it on an environment's path."
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Folder for seem-requirements.txt and seem-constraints.txt.")
     ] = Path("."),
 ) -> None:
     """Write SEEM's requirements without its pins (and a constraints file that keeps this
-    project's installed versions); print the commands that install SEEM next to it."""
+    project's installed versions, torchvision included); print the commands that install SEEM
+    next to it (docs/annotate.md, "SEEM")."""
+    import sysconfig
+
     from annotate.seem_install import (
+        check_torchvision,
         constraints,
         filter_requirements,
         read_seem_requirements,
         render,
+        write_path_file,
     )
     from data_manifest.io import atomic_write_text
 
     filtered = filter_requirements(read_seem_requirements(seem_root), str(seem_root))
+    check_torchvision()
     out.mkdir(parents=True, exist_ok=True)
+    pth = write_path_file(detectron2, out) if detectron2 is not None else None
     req, con = out / "seem-requirements.txt", out / "seem-constraints.txt"
     atomic_write_text(req, render(filtered, seem_root))
     atomic_write_text(con, "\n".join(constraints()) + "\n")
     from rich.markup import escape
 
     rows = [[escape(line), "left out", escape(why)] for line, why in filtered.dropped]
-    rows += [[line, "built separately", "against the installed torch"] for line in filtered.build]
+    rows += [[line, "on the path", "--detectron2: nothing to build"] for line in filtered.build]
     rows += [[name, "added", escape(why)] for name, why in filtered.extra]
     console.print(table("SEEM's requirements", ["requirement", "", "why"], rows))
-    build = " ".join(f"'{b}'" for b in filtered.build)
+    site = sysconfig.get_path("purelib")
     console.print(
-        f"wrote {req} ({len(filtered.keep)} packages, unpinned) and {con}\n"
-        "install SEEM's requirements next to this project with:\n"
+        f"wrote {req} ({len(filtered.keep)} packages, unpinned) and {con}"
+        + (f" and {pth}" if pth else "")
+        + "\ninstall SEEM's requirements next to this project with:\n"
         f"  pip install -r {req} -c {con}\n"
-        + (f"  pip install --no-build-isolation -c {con} {build}\n" if build else ""),
+        + (f"  cp {pth} {site}\n" if pth else "  (and SEEM's detectron2 fork: --detectron2)\n"),
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command("seem-check")
+@handle_errors
+def seem_check(
+    seem_root: Annotated[Path, typer.Argument(help="A checkout of SEEM's repository (v1.0).")],
+) -> None:
+    """Import SEEM's code as `annotate run` does and print the versions it runs with; a failure
+    is one line naming the step of the recipe (docs/annotate.md) to redo."""
+    from annotate.seem import check_install
+
+    rows = [[name, version] for name, version in check_install(str(seem_root)).items()]
+    console.print(table("SEEM imports", ["package", "version"], rows))

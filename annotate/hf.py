@@ -5,7 +5,11 @@ Supported (by the folder's ``config.json`` ``model_type``):
 - per-pixel heads (SegFormer, UperNet, DPT, BEiT, ...): ``logits`` (B, K, h, w), softmax;
 - mask classification (Mask2Former, MaskFormer, OneFormer): the semantic map
   ``Σ_q softmax(class_q)[:-1] · sigmoid(mask_q)`` of their image processors'
-  ``post_process_semantic_segmentation``, at the mask resolution, normalised per pixel ("sum");
+  ``post_process_semantic_segmentation`` before its final resize, normalised per pixel ("sum").
+  MaskFormer and OneFormer give it at the mask resolution; Mask2Former's processor first
+  resizes the mask logits to 384 × 384 (bilinear, whatever the input's shape;
+  ``models/mask2former/image_processing_mask2former.py``), then takes the sigmoid, and so does
+  this backend (:data:`MASK_LOGITS_SIZE`);
 - CLIPSeg: one text prompt per channel (``[annotate] prompts``, default the class names). The
   image goes through the CLIP vision encoder once; only the light decoder runs once per prompt.
   Its per-prompt logits are independent: CLIPSeg is trained with a binary cross-entropy per
@@ -36,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from annotate.annotators import (
+from annotate.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     first_line,
@@ -56,6 +60,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STANDARD = (0.5, 0.5, 0.5)  # transformers' IMAGENET_STANDARD_MEAN and _STD
 MASK_CLASSIFICATION = ("mask2former", "maskformer", "oneformer")
+# post_process_semantic_segmentation resizes these models' mask logits to this (h, w) before the
+# sigmoid (transformers 4.26 to 5.x: "(384, 384) for all models"); the others use them as they are
+MASK_LOGITS_SIZE = {"mask2former": (384, 384)}
 NO_PROMPT = "<no prompt>"  # CLIPSeg's channel: no prompt present at the pixel
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model")
 
@@ -322,6 +329,9 @@ class HFAnnotator:
         self.groups = groups
         self.pre = pre
         self.extra = {"model_type": model_type, "preprocessing": pre.describe()}
+        self.mask_size = MASK_LOGITS_SIZE.get(model_type) if kind == "mask" else None
+        if self.mask_size:
+            self.extra["mask_logits_resized_to"] = list(self.mask_size)
         self._text = text
         prompts = [c for c in classes if c != NO_PROMPT]
         # CLIPSeg: column of each channel among [prompt sigmoids..., no-prompt]
@@ -339,6 +349,7 @@ class HFAnnotator:
         """uint8 (B, 3, H, W) on the device -> float (B, len(classes), h, w) scores at the
         model's output resolution over the whole resized image."""
         import torch
+        import torch.nn.functional as F
 
         x = self.pre(images)
         b = x.shape[0]
@@ -350,7 +361,12 @@ class HFAnnotator:
                 kwargs["task_inputs"] = self._text.expand(b, -1)
             out = self.model(pixel_values=x, **kwargs)
             cls = torch.softmax(out.class_queries_logits.float(), dim=-1)[..., :-1]
-            masks = out.masks_queries_logits.float().sigmoid()
+            masks = out.masks_queries_logits.float()
+            if self.mask_size:
+                masks = F.interpolate(
+                    masks, size=self.mask_size, mode="bilinear", align_corners=False
+                )
+            masks = masks.sigmoid()
             return torch.einsum("bqc,bqhw->bchw", cls, masks)
         return self._clipseg(x)
 

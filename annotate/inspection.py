@@ -38,9 +38,11 @@ def summarize(cache: Cache, limit: int | None = None) -> dict[str, Any]:
     """Figures about a cache.
 
     Returns:
-        images, classes, modes (count per storage mode), bytes_on_disk, bytes_per_image, and
+        images, classes, modes (count per storage mode), bytes_on_disk, bytes_per_image,
         per_class: for each class the share of pixels where it is the annotator's argmax and
-        the mean top probability over those pixels (over the first ``limit`` images if given).
+        the mean top probability over those pixels (over the first ``limit`` images if given),
+        and damaged: ``{"id", "file", "reason"}`` per image whose data is incomplete (every
+        image's file sizes are checked, and the images read are decoded in full).
     """
     ids = cache.ids
     k = cache.num_classes
@@ -48,9 +50,19 @@ def summarize(cache: Cache, limit: int | None = None) -> dict[str, Any]:
     pix = np.zeros(k, dtype=np.int64)
     top_sum = np.zeros(k, dtype=np.float64)
     seen = ids if limit is None else ids[:limit]
+    damaged = {d[0]: d for d in cache.damaged(ids)}
     for image_id in seen:
+        if image_id in damaged:
+            continue
+        try:
+            p = cache.probs(image_id)
+        except UserError:  # a chunk that does not decode: name its file
+            found = cache.damaged([image_id], full=True)
+            if not found:
+                raise
+            damaged[image_id] = found[0]
+            continue
         modes[cache.info(image_id)["mode"]] += 1
-        p = cache.probs(image_id)
         arg = p.argmax(axis=0).ravel()
         top = p.max(axis=0).ravel()
         pix += np.bincount(arg, minlength=k)
@@ -68,7 +80,7 @@ def summarize(cache: Cache, limit: int | None = None) -> dict[str, Any]:
     return {
         "cache": str(cache.path),
         "images": len(ids),
-        "images_read": len(seen),
+        "images_read": sum(i not in damaged for i in seen),
         "classes": cache.classes,
         "annotator": cache.meta.annotator,
         "model_sha256": cache.meta.model_sha256,
@@ -79,14 +91,23 @@ def summarize(cache: Cache, limit: int | None = None) -> dict[str, Any]:
         "bytes_on_disk": size,
         "bytes_per_image": size / len(ids) if ids else 0.0,
         "per_class": per_class,
+        "damaged": [{"id": i, "file": f, "reason": r} for i, f, r in sorted(damaged.values())],
     }
+
+
+def report_prefix(cache_path: str | os.PathLike) -> str:
+    """The name (without suffix) of the resolved config and report written beside a cache:
+    ``annotate`` beside ``cache.zarr`` (a run folder's cache), ``<cache name>.annotate``
+    beside any other, so that several caches in one folder keep their own reports."""
+    name = Path(cache_path).name
+    return "annotate" if name == "cache.zarr" else f"{name}.annotate"
 
 
 def recorded_manifest(cache: Cache) -> str:
     """The manifest a cache was made from, as far as its folder tells: ``[data] manifest`` of
-    the ``annotate.toml`` that ``annotate run`` writes beside the cache, else the path older
-    caches stored in their metadata ("" when neither is there)."""
-    resolved = cache.path.parent / "annotate.toml"
+    the resolved config that ``annotate run`` writes beside the cache (:func:`report_prefix`),
+    else the path older caches stored in their metadata ("" when neither is there)."""
+    resolved = cache.path.parent / f"{report_prefix(cache.path)}.toml"
     if resolved.is_file():
         with contextlib.suppress(UserError):
             path = load_config(resolved).get("data", {}).get("manifest", "")

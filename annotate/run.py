@@ -38,12 +38,17 @@ from annotate.cache import (
     CacheMeta,
     CacheWriter,
     Storage,
+    check_writable_by,
     create_or_open,
     encode_group,
     encode_image,
     finish_image,
+    holds_nothing,
     image_attrs,
+    open_cache,
+    reset_if_empty,
     storage_for,
+    writer_lock,
 )
 from annotate.config import AnnotateConfig, auto_topk
 from annotate.vocab import Vocabulary, build_vocabulary
@@ -93,7 +98,23 @@ def select_device(name: str) -> Any:
             f"[annotate] device = {name!r}: CUDA is not available on this machine; "
             'expected "auto" or "cpu"'
         )
-    return torch.device(name)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(
+            f"[annotate] device = {name!r}: MPS (Apple GPUs) is not available on this "
+            'machine; expected "auto", "cpu" or "cuda"'
+        )
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or (name.startswith("cuda:") and device.index is None):
+        raise UserError(f'[annotate] device = {name!r}: expected "auto", "cpu", "cuda" or "cuda:N"')
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(
+            f"[annotate] device = {name!r}: this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s); expected cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
+    return device
 
 
 PHASES = ("decode", "h2d", "forward", "post", "d2h", "encode", "write")
@@ -194,6 +215,7 @@ class RunResult:
     device: str
     meta: CacheMeta | None = None
     phases: dict[str, float] = field(default_factory=dict)
+    repaired: list[dict[str, str]] = field(default_factory=list)  # damaged images re-done
 
     def report(self) -> dict[str, Any]:
         n = sum(self.annotated.values())
@@ -210,6 +232,7 @@ class RunResult:
             "present_before": self.present_before,
             "annotated": self.annotated,
             "skipped": self.skipped,
+            "repaired": self.repaired,
             "wall_s": round(self.wall_s, 4),
             "forward_s": round(self.forward_s, 4),
             "images_per_s": round(n / self.wall_s, 3) if self.wall_s > 0 else None,
@@ -242,25 +265,58 @@ def cache_meta(
     )
 
 
-def open_for_run(path: Path, meta: CacheMeta) -> CacheWriter:
-    """Open or create the cache; also refuse a cache made with other input settings."""
-    writer = create_or_open(path, meta)
-    have = writer.meta.extra.get("settings")
-    if have is not None and have != meta.extra["settings"]:
-        for key in meta.extra["settings"]:
-            if have.get(key) != meta.extra["settings"][key]:
-                raise UserError(
-                    f"{path}: cache was made with {key} = {have.get(key)!r}, this run "
-                    f"has {meta.extra['settings'][key]!r}; use a new cache path (or "
-                    "delete this one) instead of mixing results"
-                )
+def _check_settings(path: Path, have: CacheMeta, want: CacheMeta) -> None:
+    """Refuse a cache made with other input settings (input size, vocabulary, ...)."""
+    old, new = have.extra.get("settings"), want.extra["settings"]
+    if old is None or old == new:
+        return
+    for key in new:
+        if old.get(key) != new[key]:
+            raise UserError(
+                f"{path}: cache was made with {key} = {old.get(key)!r}, this run "
+                f"has {new[key]!r}; use a new cache path (or delete this one) instead of "
+                "mixing results"
+            )
+
+
+def check_cache(path: Path, meta: CacheMeta, reset: bool = False) -> None:
+    """The refusals of :func:`open_for_run` made before the cache is locked, reading only:
+    a folder that is not a cache, or a cache made with other settings (unless ``reset`` may
+    give it this run's, see there)."""
+    if not (path / "zarr.json").is_file():
+        if path.is_dir() and any(path.iterdir()):
+            raise UserError(f"{path}: exists and is not a cache; choose another cache path")
+        return
+    try:
+        have = open_cache(path).meta
+        check_writable_by(have, meta, str(path))
+        _check_settings(path, have, meta)
+    except UserError:
+        if not (reset and holds_nothing(path)):
+            raise
+
+
+def open_for_run(path: Path, meta: CacheMeta, reset: bool = False) -> CacheWriter:
+    """Open or create the cache; also refuse a cache made with other input settings.
+
+    ``reset``: the caller holds the cache's whole lock, so a cache that holds no image yet
+    may take this run's metadata instead (see :func:`annotate.cache.reset_if_empty`).
+    """
+    try:
+        writer = create_or_open(path, meta)
+        _check_settings(path, writer.meta, meta)
+    except UserError:
+        writer = reset_if_empty(path, meta) if reset else None
+        if writer is None:
+            raise
     return writer
 
 
 def _prepare(
-    cfg: AnnotateConfig, manifest: Manifest, cache_path: Path, annotator: Annotator | None
-) -> tuple[Annotator, Vocabulary, CacheWriter]:
-    """Build the annotator (unless given) and its vocabulary; create or check the cache."""
+    cfg: AnnotateConfig, manifest: Manifest, annotator: Annotator | None
+) -> tuple[Annotator, Vocabulary, CacheMeta]:
+    """Build the annotator (unless given), its vocabulary and the cache metadata of the run
+    (before the cache is locked, created or opened: bad settings change nothing on disk)."""
     annotator = annotator or build_annotator(cfg, manifest)
     vocab = build_vocabulary(
         annotator.classes,
@@ -269,7 +325,7 @@ def _prepare(
         cfg.unmapped,
         manifest.meta.background_index,
     )
-    return annotator, vocab, open_for_run(cache_path, cache_meta(cfg, manifest, annotator, vocab))
+    return annotator, vocab, cache_meta(cfg, manifest, annotator, vocab)
 
 
 def run_annotation(
@@ -279,8 +335,10 @@ def run_annotation(
     shard: tuple[int, int] = (0, 1),
     annotator: Annotator | None = None,
     on_progress: Callable[[int, int, int], None] | None = None,
+    verify: bool = False,
+    lock: bool = True,
 ) -> RunResult:
-    """Annotate the images of ``cfg.splits`` that are not in the cache yet.
+    """Annotate the images of ``cfg.splits`` that are not in the cache yet, or are damaged.
 
     Args:
         cfg: the ``[annotate]`` settings.
@@ -289,20 +347,46 @@ def run_annotation(
         shard: (i, n): take only batches whose index is i modulo n.
         annotator: a ready annotator (default: built from ``cfg``).
         on_progress: called as ``on_progress(done_images, total_images, batches_left)``.
+        verify: decode every cached image of the run's batches to find damaged ones (default:
+            check their files' sizes only, see :meth:`annotate.cache.Cache.damaged`).
+        lock: hold the cache's writer lock (False: a task of a run whose driver holds it).
     Raises:
-        UserError: bad settings, a mismatched cache, or an unreadable image (unless
-            ``cfg.skip_bad``; then it is skipped and listed in ``RunResult.skipped``).
+        UserError: bad settings, a mismatched cache, another run writing the same cache or
+            shard, or an unreadable image (unless ``cfg.skip_bad``; then it is skipped and
+            listed in ``RunResult.skipped``).
     """
-
     cache_path = Path(cache_path)
     device = select_device(cfg.device)
-    annotator, vocab, writer = _prepare(cfg, manifest, cache_path, annotator)
-    meta = writer.meta
+    annotator, vocab, meta = _prepare(cfg, manifest, annotator)
+    check_cache(cache_path, meta, reset=lock and shard[1] == 1)
+    with writer_lock(cache_path, shard) if lock else contextlib.nullcontext():
+        writer = open_for_run(cache_path, meta, reset=lock and shard[1] == 1)
+        return _run_annotation(
+            cfg, manifest, writer, shard, annotator, vocab, on_progress, verify, device
+        )
+
+
+def _run_annotation(
+    cfg: AnnotateConfig,
+    manifest: Manifest,
+    writer: CacheWriter,
+    shard: tuple[int, int],
+    annotator: Annotator,
+    vocab: Vocabulary,
+    on_progress: Callable[[int, int, int], None] | None,
+    verify: bool,
+    device: Any,
+) -> RunResult:
+    """:func:`run_annotation` once the cache is open (under its lock)."""
+    i, n = shard
+    cache_path, meta = writer.path, writer.meta
     t0 = time.perf_counter()  # after building the model (the demo's may train it first)
     writer.clean_temporaries(dead_only=True)
     present = set(writer.ids)
-    i, n = shard
     mine = [b for b in plan_batches(manifest, cfg.splits, cfg.batch_size) if b.index % n == i]
+    damaged = writer.damaged([r.id for b in mine for r in b.rows if r.id in present], verify)
+    writer.remove([d[0] for d in damaged])
+    present -= {d[0] for d in damaged}
     planned = {s: sum(len(b.rows) for b in mine if b.split == s) for s in cfg.splits}
     before = {
         s: sum(r.id in present for b in mine if b.split == s for r in b.rows) for s in cfg.splits
@@ -314,6 +398,7 @@ def run_annotation(
     result = RunResult(
         cache_path, shard, planned, before, annotated, skipped, 0.0, 0.0, str(device), meta
     )
+    result.repaired = [{"id": d[0], "file": d[1], "reason": d[2]} for d in damaged]
     if not todo:
         result.wall_s = time.perf_counter() - t0
         return result
@@ -504,10 +589,11 @@ def _store(writer: CacheWriter, flight: InFlight, j: int, phases: Phases) -> Non
 
 
 def _shard_task(
-    cfg: AnnotateConfig, manifest: Manifest, cache_path: str, i: int, n: int
+    cfg: AnnotateConfig, manifest: Manifest, cache_path: str, i: int, n: int, verify: bool
 ) -> RunResult:
-    """One shard on a Dask worker (builds its own annotator there)."""
-    return run_annotation(cfg, manifest, cache_path, (i, n))
+    """One shard on a Dask worker (builds its own annotator there; the driver holds the
+    cache's lock)."""
+    return run_annotation(cfg, manifest, cache_path, (i, n), verify=verify, lock=False)
 
 
 def run_on_dask(
@@ -515,6 +601,7 @@ def run_on_dask(
     manifest: Manifest,
     cache_path: str | os.PathLike,
     annotator: Annotator | None = None,
+    verify: bool = False,
 ) -> RunResult:
     """Run the shards of the annotation as tasks on a Dask cluster.
 
@@ -522,18 +609,32 @@ def run_on_dask(
     or the address of a running scheduler; ``cfg.shards`` shards (default: one per worker),
     each one task that builds the annotator on its worker and writes its own images. The
     workers must see the manifest, the images, the model and the cache at the same paths.
-    The cache metadata is created here first, so workers only add images.
+    The cache metadata is created here first, so workers only add images; this process
+    holds the cache's lock for the whole run.
 
     Returns:
         The shards' results merged (counts summed, forward time summed over workers).
     """
+    t0 = time.perf_counter()
+    _, _, meta = _prepare(cfg, manifest, annotator)
+    check_cache(Path(cache_path), meta, reset=True)
+    with writer_lock(cache_path):
+        open_for_run(Path(cache_path), meta, reset=True)
+        return _run_on_dask(cfg, manifest, Path(cache_path), meta, verify, t0)
+
+
+def _run_on_dask(
+    cfg: AnnotateConfig,
+    manifest: Manifest,
+    cache_path: Path,
+    meta: CacheMeta,
+    verify: bool,
+    t0: float,
+) -> RunResult:
     from distributed import Client, LocalCluster
 
     from annotate.config import _local_workers
 
-    t0 = time.perf_counter()
-    annotator, vocab, writer = _prepare(cfg, manifest, Path(cache_path), annotator)
-    meta = writer.meta
     local = _local_workers(cfg.scheduler)
     cluster = (
         LocalCluster(n_workers=local, threads_per_worker=1, processes=True, dashboard_address=None)
@@ -544,7 +645,7 @@ def run_on_dask(
         with Client(cluster if cluster is not None else cfg.scheduler) as client:
             n = cfg.shards or max(1, len(client.scheduler_info()["workers"]))
             futures = [
-                client.submit(_shard_task, cfg, manifest, str(cache_path), i, n, pure=False)
+                client.submit(_shard_task, cfg, manifest, str(cache_path), i, n, verify, pure=False)
                 for i in range(n)
             ]
             parts: list[RunResult] = client.gather(futures)
@@ -568,5 +669,6 @@ def run_on_dask(
         sum(p.forward_s for p in parts),
         ", ".join(sorted({p.device for p in parts})),
         meta,
+        repaired=[r for p in parts for r in p.repaired],
     )
     return merged

@@ -48,13 +48,25 @@ How the scores are made, from SEEM's raw outputs (the path of ``GeneralizedSEEM.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata as md
+import io
 import json
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from annotate.annotators import first_line, resize_images, sha256_file
+from annotate.common import first_line, resize_images, sha256_file
 from annotate.config import AnnotateConfig
+from annotate.seem_install import (
+    RECIPE,
+    STEP_CHECKOUT,
+    STEP_FORK,
+    STEP_REQUIREMENTS,
+    STEP_TORCH,
+)
 from annotate.vocab import prompt_channels
 from data_manifest.errors import UserError
 
@@ -66,11 +78,20 @@ if TYPE_CHECKING:
 NO_OBJECT = "<no object>"  # our name for the channel of SEEM's no-object column
 NO_OBJECT_TEXT = "background"  # the text SEEM's scripts append as the no-object slot
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # CLIP's BPE files (or its tokenizer.json)
+# suffixes SEEM's text encoder removes from a class name before the prompt templates
+# (modeling/language/vlpencoder.py, LanguageEncoder.get_text_embeddings), in its order
+SEEM_STRIPPED = ("-other", "-merged", "-stuff")
 INSTALL_HINT = (
     "SEEM's code is not importable: set [annotate] seem_root to a checkout of "
-    "https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once (v1.0) and install "
-    "its requirements as in docs/annotate.md (python -m annotate seem-requirements)"
+    "https://github.com/UX-Decoder/Segment-Everything-Everywhere-All-At-Once (v1.0); "
+    f"redo {STEP_CHECKOUT}"
 )
+# packages this project installs (pinned by seem-constraints.txt): an error raised inside them
+# while SEEM is imported is the caller's, so the blame goes to the first frame outside them
+PROVIDED_MODULES = {
+    "torch", "numpy", "PIL", "transformers", "tokenizers", "huggingface_hub", "safetensors",
+    "cv2", "importlib", "typing_extensions",
+}  # fmt: skip
 
 
 def seem_device(name: str) -> torch.device:
@@ -155,14 +176,15 @@ class SeemAnnotator:
         self.model_sha256 = model_sha256
         self.name = "seem"
         self.short_side = short_side
-        self.texts = [c for c in channels if c != NO_OBJECT]
+        self.texts = [c for c in channels if c != NO_OBJECT]  # given to SEEM as they are
         # column of each channel in pred_logits: prompt i -> i, no-object -> the last one
         self._columns = torch.tensor(
             [len(self.texts) if c == NO_OBJECT else self.texts.index(c) for c in channels]
         )
         self.extra = dict(
             extra or {},
-            prompts=self.texts,
+            prompts=[seem_text(t) for t in self.texts],  # what SEEM's text encoder embeds
+            no_object_prompt=NO_OBJECT_TEXT,
             preprocessing={"short_side": short_side, "resample": "bicubic"},
         )
         self.device: torch.device | None = None
@@ -223,6 +245,85 @@ class SeemAnnotator:
             return _postprocess(sem, size, (int(h), int(w)))
 
 
+def seem_text(name: str) -> str:
+    """The text SEEM's text encoder puts into its prompt templates for the class ``name``:
+    ``-other``, ``-merged`` and ``-stuff`` removed, wherever they are, in that order
+    (``modeling/language/vlpencoder.py``, ``get_text_embeddings``)."""
+    for suffix in SEEM_STRIPPED:
+        name = name.replace(suffix, "")
+    return name
+
+
+def check_prompt_texts(groups: dict[str, list[str]]) -> None:
+    """Refuse prompts that SEEM would embed as its no-object text, or two prompts that SEEM
+    would embed alike (CLIP's tokenizer lower-cases; SEEM strips suffixes): either would split
+    one score between two channels."""
+    seen: dict[str, tuple[str, str]] = {}
+    for c, words in groups.items():
+        for w in words:
+            if w == NO_OBJECT:
+                continue
+            key = seem_text(w).strip().lower()
+            if key == NO_OBJECT_TEXT:
+                raise UserError(
+                    f"[annotate] prompts: {c} = [... {w!r} ...]: SEEM already uses "
+                    f"{NO_OBJECT_TEXT!r} as its no-object text, whose column is the background "
+                    "score; expected other prompts"
+                )
+            if key in seen and seen[key][1] != w:
+                raise UserError(
+                    f"[annotate] prompts: {seen[key][0]} = {seen[key][1]!r} and {c} = {w!r} "
+                    f"are both embedded as {key!r} by SEEM (it lower-cases and removes "
+                    f"{', '.join(SEEM_STRIPPED)}); expected prompts that differ"
+                )
+            seen[key] = (c, w)
+
+
+def check_checkpoint(ckpt: Path, model: Any, conf: Path) -> int:
+    """Refuse a checkpoint made with another config (or tokenizer) than ``conf``.
+
+    SEEM's ``BaseModel.from_pretrained`` loads whatever matches by name and shape and skips
+    the rest with a log line (``utils/model.py``, ``align_and_update_state_dicts``), so another
+    model's checkpoint would leave most weights random without an error. Refused: a tensor whose
+    shape differs from the model's, or a model parameter the checkpoint lacks. Checkpoint
+    tensors the model does not have are ignored, as SEEM does. Returns how many were ignored.
+    """
+    import torch
+
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(
+                f"{ckpt}: cannot read the SEEM checkpoint ({first_line(exc)})"
+            ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{ckpt}: expected a SEEM checkpoint (a state dict of tensors)")
+    have = model.state_dict()
+    shapes = [k for k in have if k in state and tuple(state[k].shape) != tuple(have[k].shape)]
+    missing = [k for k, _ in model.named_parameters() if k not in state]
+    if shapes or missing:
+        parts = []
+        if shapes:
+            k = shapes[0]
+            parts.append(
+                f"{len(shapes)} tensors of another shape (e.g. {k}: "
+                f"{tuple(state[k].shape)} in the checkpoint, {tuple(have[k].shape)} in the model)"
+            )
+        if missing:
+            n = len(list(model.parameters()))
+            parts.append(
+                f"{len(missing)} of the model's {n} parameters missing (e.g. {missing[0]})"
+            )
+        raise UserError(
+            f"{ckpt}: not a checkpoint of {conf.name}: {' and '.join(parts)}; expected a "
+            "checkpoint made with this config and tokenizer"
+        )
+    return sum(k not in have for k in state)
+
+
 def check_tokenizer(folder: str) -> Path:
     """``[annotate] seem_tokenizer``: a folder with the CLIP tokenizer's files, either
     ``tokenizer.json`` (what transformers 5 saves) or ``vocab.json`` and ``merges.txt``.
@@ -270,23 +371,115 @@ def _seem_checkout(seem_root: str) -> Path | None:
     return root
 
 
-def _import_seem(seem_root: str) -> tuple[Any, Any, Any]:
-    """(build_model, BaseModel, load_opt_from_config_files) from SEEM's checkout."""
+def pillow_compat() -> None:
+    """Give Pillow >= 10 the name ``Image.LINEAR`` back, as an alias of ``Image.BILINEAR``.
+
+    SEEM's detectron2 fork uses it as a default argument in
+    ``detectron2/data/transforms/transform.py``, so importing SEEM fails without it. Pillow 9
+    had it as a deprecated alias of the same filter (value 2); Pillow 10 removed it.
+    """
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.Resampling.BILINEAR
+
+
+def _top_module(filename: str, root: Path | None) -> str:
+    """The top-level module a source file belongs to ("seem" for SEEM's checkout, "" for the
+    standard library and frozen modules)."""
+    import sysconfig
+
+    if filename.startswith("<"):
+        return ""
+    f = Path(filename).resolve()
+    if root is not None and root in f.parents:
+        return "seem"
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    if stdlib in f.parents and "site-packages" not in f.parts:
+        return ""
+    best: tuple[int, str] = (-1, "")
+    for entry in sys.path:
+        base = Path(entry or ".").resolve()
+        if base in f.parents and len(base.parts) > best[0]:
+            best = (len(base.parts), f.relative_to(base).parts[0].removesuffix(".py"))
+    name = best[1]
+    return "seem" if root is None and name in ("modeling", "utils") else name
+
+
+def _version(dist: str) -> str:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "not installed"
+
+
+def _import_failure(exc: BaseException, root: Path | None) -> UserError:
+    """One line for any exception raised while SEEM is imported, naming the recipe step to
+    redo: the module that is missing, or the package in which the error was raised (the first
+    frame, from the deepest up, outside the standard library and this project's own packages)."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split(".")[0]
+        if top in ("modeling", "utils"):
+            return UserError(INSTALL_HINT)
+        if top == "detectron2":
+            return UserError(
+                "SEEM's code imports detectron2, which is not installed: SEEM needs its fork; "
+                f"redo {STEP_FORK}"
+            )
+        step = STEP_TORCH if top == "torchvision" else STEP_REQUIREMENTS
+        return UserError(
+            f"SEEM's code needs the module {exc.name!r}, which is not installed; redo {step}"
+        )
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)]
+    blamed, where = "", ""
+    if isinstance(exc, ImportError) and exc.name:  # "cannot import name ... from <name>"
+        blamed = exc.name.split(".")[0]
+    for filename, line in reversed(frames):
+        top = _top_module(filename, root)
+        if top and top not in PROVIDED_MODULES:
+            blamed, where = blamed or top, f"{filename}:{line}"
+            break
+    what = f"{type(exc).__name__}: {first_line(exc)}"
+    at = f" ({where})" if where else ""
+    if blamed == "detectron2":
+        return UserError(f"SEEM's detectron2 fork raised {what}{at}; redo {STEP_FORK}")
+    if blamed == "torchvision":
+        return UserError(
+            f"torchvision {_version('torchvision')} does not work with torch "
+            f"{_version('torch')} ({what}){at}; redo {STEP_TORCH}"
+        )
+    if blamed == "seem":
+        return UserError(f"SEEM's code raised {what}{at}; expected v1.0: redo {STEP_CHECKOUT}")
+    if blamed and blamed not in PROVIDED_MODULES:
+        return UserError(
+            f"the package {blamed!r} raised {what} while SEEM was imported{at}; "
+            f"redo {STEP_REQUIREMENTS}"
+        )
+    return UserError(f"importing SEEM's code raised {what}{at}; see {RECIPE}")
+
+
+def _import_seem(seem_root: str) -> tuple[Any, Any, Any, Any]:
+    """(build_model, BaseModel, load_opt_from_config_files, get_prompt_templates) from SEEM's
+    checkout, imported after :func:`pillow_compat`; any failure is one line naming the recipe
+    step to redo."""
     root = _seem_checkout(seem_root)
     if root is not None:
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-    try:
-        from modeling import build_model
-        from modeling.BaseModel import BaseModel
-        from utils.arguments import load_opt_from_config_files
-    except ImportError as exc:
-        if exc.name in (None, "modeling", "utils", "utils.arguments", "modeling.BaseModel"):
-            raise UserError(INSTALL_HINT) from None
-        raise UserError(
-            f"SEEM's code needs the module {exc.name!r}, which is not installed; install "
-            "SEEM's requirements as in docs/annotate.md (python -m annotate seem-requirements)"
-        ) from None
+    pillow_compat()
+    # SEEM's import prints "Deformable Transformer Encoder is not available." (its v1 configs
+    # do not use that encoder) and its dependencies warn about their own deprecations: neither
+    # is for the user of this tool to act on, and an error must stay one line
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from modeling import build_model
+            from modeling.BaseModel import BaseModel
+            from utils.arguments import load_opt_from_config_files
+            from utils.prompt_engineering import get_prompt_templates
+        except Exception as exc:
+            raise _import_failure(exc, root) from None
     import modeling
 
     if root is not None and root not in Path(modeling.__file__).resolve().parents:
@@ -294,7 +487,35 @@ def _import_seem(seem_root: str) -> tuple[Any, Any, Any]:
             f"[annotate] seem_root = {seem_root!r}: Python imported another package named "
             f"'modeling' ({Path(modeling.__file__).parent}); expected SEEM's"
         )
-    return build_model, BaseModel, load_opt_from_config_files
+    return build_model, BaseModel, load_opt_from_config_files, get_prompt_templates
+
+
+def check_install(seem_root: str) -> dict[str, str]:
+    """Import SEEM's code from ``seem_root`` as :func:`load_seem_annotator` does; return the
+    versions it runs with (detectron2: where it is imported from, and whether its compiled
+    operators, which SEEM's semantic forward does not use, are there).
+
+    Raises:
+        UserError: one line naming the step of the recipe to redo.
+    """
+    import importlib.util
+
+    _import_seem(seem_root)
+    import detectron2
+    import modeling
+
+    compiled = importlib.util.find_spec("detectron2._C") is not None
+    where = Path(detectron2.__file__).parent.parent
+    out = {
+        name: _version(name)
+        for name in ("torch", "torchvision", "numpy", "pillow", "transformers", "timm")
+    }
+    out["detectron2"] = (
+        f"{getattr(detectron2, '__version__', '?')} from {where} "
+        f"({'with' if compiled else 'without'} its compiled operators)"
+    )
+    out["SEEM"] = str(Path(modeling.__file__).parent.parent)
+    return out
 
 
 def _check_files(cfg: AnnotateConfig) -> tuple[Path, Path, Path | None]:
@@ -356,15 +577,9 @@ def load_seem_annotator(cfg: AnnotateConfig, manifest: Manifest) -> SeemAnnotato
     channels, groups = prompt_channels(
         cfg.prompts, manifest.classes, manifest.meta.background_index, NO_OBJECT
     )
-    for c, words in groups.items():
-        if any(w.strip().lower() == NO_OBJECT_TEXT for w in words):
-            raise UserError(
-                f"[annotate] prompts: {c} = [... {NO_OBJECT_TEXT!r} ...]: SEEM already uses "
-                f"{NO_OBJECT_TEXT!r} as its no-object text, whose column is the background "
-                "score; expected other prompts"
-            )
+    check_prompt_texts(groups)
     device = seem_device(cfg.device)
-    build_model, base_model, load_opt = _import_seem(cfg.seem_root)
+    build_model, base_model, load_opt, templates = _import_seem(cfg.seem_root)
     opt = seem_options(load_opt([str(conf)]), device, tokenizer)
     torch.cuda.set_device(device)
     try:
@@ -375,16 +590,17 @@ def load_seem_annotator(cfg: AnnotateConfig, manifest: Manifest) -> SeemAnnotato
             "set [annotate] seem_tokenizer to a local copy of it (docs/annotate.md)"
         ) from None
     check_prompt_tokens(net.sem_seg_head.predictor.lang_encoder.tokenizer, channels, conf)
+    ignored = check_checkpoint(ckpt, net, conf)
     try:
         model = base_model(opt, net).from_pretrained(str(ckpt)).eval()
     except Exception as exc:
         raise UserError(f"{ckpt}: cannot load the SEEM checkpoint ({first_line(exc)})") from None
+    extra = {
+        "config": conf.name,
+        "checkpoint": ckpt.name,
+        "checkpoint_tensors_ignored": ignored,
+        "prompt_templates": list(templates()),
+    }
     return SeemAnnotator(
-        model,
-        channels,
-        groups,
-        device,
-        sha256_file(ckpt),
-        cfg.input_short_side,
-        {"config": conf.name, "checkpoint": ckpt.name},
+        model, channels, groups, device, sha256_file(ckpt), cfg.input_short_side, extra
     )

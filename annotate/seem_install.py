@@ -6,10 +6,12 @@ SEEM's ``assets/requirements/requirements.txt`` pins torch 2.1, numpy 1.23 and t
 Installing them as they are would replace this project's versions. :func:`filter_requirements`
 keeps what SEEM's inference code needs (``modeling/``, ``utils/`` and detectron2), without
 version pins, drops what this project provides and what only other parts of SEEM import,
-and sets the detectron2 fork apart: it is built from source against the installed torch
-(``pip install --no-build-isolation``). :func:`constraints` pins this project's installed
-packages so that pip keeps them. ``python -m annotate seem-requirements SEEM_ROOT`` writes both
-files and prints the commands (docs/annotate.md).
+and adds what the detectron2 fork imports. The fork itself is not built: SEEM's semantic
+forward uses only its Python modules, so :func:`write_path_file` writes a path configuration
+file (``detectron2-xyz.pth``) that puts the fork's checkout on the environment's path.
+:func:`constraints` pins this project's installed packages (torchvision included, checked by
+:func:`check_torchvision`) so that pip keeps them. ``python -m annotate seem-requirements
+SEEM_ROOT --detectron2 FORK`` writes the files and prints the commands (docs/annotate.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from annotate.common import first_line
 from data_manifest.errors import UserError
 
 REQUIREMENT_FILES = (
@@ -65,7 +68,17 @@ EXTRA = {
     "omegaconf": "modeling/utils/config.py imports it whenever a module is built",
     "mpich": "the MPI library the mpi4py wheel loads; SEEM's utils/distributed.py imports "
     "mpi4py (or use your system's MPI)",
+    "iopath": "the detectron2 fork imports it (its setup.py lists it)",
+    "tabulate": "the detectron2 fork imports it (its setup.py lists it)",
+    "termcolor": "the detectron2 fork imports it (its setup.py lists it)",
 }
+PATH_FILE = "detectron2-xyz.pth"
+RECIPE = "the SEEM recipe in docs/annotate.md"
+# the recipe's steps, by what they install (errors name the one to redo)
+STEP_TORCH = f"step 0 of {RECIPE} (torch and the torchvision built for it, from one index)"
+STEP_CHECKOUT = f"step 1 of {RECIPE} (SEEM's checkout, v1.0)"
+STEP_REQUIREMENTS = f"step 2 of {RECIPE} (python -m annotate seem-requirements, pip install)"
+STEP_FORK = f"step 3 of {RECIPE} (its detectron2 fork, MaureenZOU/detectron2-xyz)"
 # this project's packages whose installed versions the constraints file pins
 PINNED_EXTRA = ("transformers", "tokenizers", "huggingface-hub", "safetensors", "torchvision")
 
@@ -191,8 +204,61 @@ def render(filtered: Filtered, seem_root: str | Path) -> str:
         f"# {Path(seem_root) / REQUIREMENT_FILES[0]} (+ requirements_custom.txt):",
         "# version pins removed; left out:",
         *(f"#   {line}: {why}" for line, why in filtered.dropped),
-        *(f"#   {line}: built separately (--no-build-isolation)" for line in filtered.build),
+        *(f"#   {line}: its checkout goes on the path (--detectron2)" for line in filtered.build),
         "# added:",
         *(f"#   {name}: {why}" for name, why in filtered.extra),
     ]
     return "\n".join([*head, *filtered.keep]) + "\n"
+
+
+def check_fork(fork: str | Path) -> Path:
+    """The resolved checkout of SEEM's detectron2 fork.
+
+    Raises:
+        UserError: the folder has no ``detectron2/__init__.py``.
+    """
+    root = Path(fork).resolve()
+    if not (root / "detectron2" / "__init__.py").is_file():
+        raise UserError(
+            f"{fork}: detectron2/__init__.py not found; expected a checkout of "
+            f"https://github.com/{DETECTRON2_FORK} (SEEM's detectron2 fork)"
+        )
+    return root
+
+
+def write_path_file(fork: str | Path, out: Path) -> Path:
+    """Write ``out/detectron2-xyz.pth``: one line, the fork's absolute path. Copied into an
+    environment's site-packages, it makes the fork's ``detectron2`` importable there."""
+    from data_manifest.io import atomic_write_text
+
+    path = out / PATH_FILE
+    atomic_write_text(path, f"{check_fork(fork)}\n")
+    return path
+
+
+def check_torchvision() -> str:
+    """The installed torchvision's version, once it imports beside the installed torch.
+
+    timm (which SEEM needs) requires torchvision: without one installed, pip would take PyPI's
+    build, which matches only PyPI's torch of the same release.
+
+    Raises:
+        UserError: torchvision is not installed, or does not work with the installed torch.
+    """
+    torch_version = md.version("torch")
+    try:
+        version = md.version("torchvision")
+    except md.PackageNotFoundError:
+        raise UserError(
+            f"torchvision is not installed; install the torchvision built for torch "
+            f"{torch_version}, from the index torch came from: {STEP_TORCH}"
+        ) from None
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:
+        raise UserError(
+            f"torchvision {version} does not work with torch {torch_version} "
+            f"({first_line(exc)}); install the torchvision built for that torch, from the index "
+            f"torch came from: {STEP_TORCH}"
+        ) from None
+    return version

@@ -54,7 +54,7 @@ def annotator_checkpoint(
         return demo, "demo annotator (data/demo/annotator/best.pt)"
     import torch
 
-    from train.inference import checkpoint_info
+    from train.checkpoint import checkpoint_info
     from train.models import build_model
 
     torch.manual_seed(0)
@@ -118,7 +118,7 @@ def r101_model(path: Path, classes: list[str], palette: list[list[int]], seed: i
     """DeepLabV3+ ResNet-101 (output stride 16) with random weights, as a trainer checkpoint."""
     import torch
 
-    from train.inference import checkpoint_info
+    from train.checkpoint import checkpoint_info
     from train.models import build_model
 
     torch.manual_seed(seed)

@@ -13,13 +13,14 @@ Rows (each trained with every seed; Stage I only unless the row says Stage II):
   2. + raw annotator masks (argmax, no filtering)
   3. + CP, the paper's rule (pixel-wise, α = 0.05)
   4. + CP + Stage II self-reliance
-  5. + confidence threshold keeping as many pixels as CP
-  6. + risk control (ours: ε = 0.1, conformal risk control over images)
-  7. + risk control + Stage II
-  8. + class-conditional CP (α = 0.05, foreground preference among informative classes)
-  9. + recall floor (ours: per-class thresholds, each object class's miss rate certified
+  5. + CP + UniMatch Stage II (stage2_mode = "unimatch": UniMatch's unimatch.py step)
+  6. + confidence threshold keeping as many pixels as CP
+  7. + risk control (ours: ε = 0.1, conformal risk control over images)
+  8. + risk control + Stage II
+  9. + class-conditional CP (α = 0.05, foreground preference among informative classes)
+ 10. + recall floor (ours: per-class thresholds, each object class's miss rate certified
      at ε = 0.2, see calibrate's method "recall")
- 10. + recall floor + Stage II
+ 11. + recall floor + Stage II
 
 Paired seeds: a seed fixes the model's initialisation and, through the trainer's sampling (a
 pure function of seed, stream and position), the order of the labeled and unlabeled batches and
@@ -104,6 +105,7 @@ ROWS = [
     Row("raw", "+ raw annotator masks", "raw", ("--no-stage2",)),
     Row("cp", "+ CP (paper's rule, pixel, α = 0.05)", "cp", ("--no-stage2",)),
     Row("cp_stage2", "+ CP + Stage II", "cp", ("--stage2",)),
+    Row("cp_unimatch", "+ CP + UniMatch Stage II", "cp", ("--stage2", "--stage2-mode", "unimatch")),
     Row("threshold", "+ threshold keeping CP's pixel count", "threshold", ("--no-stage2",)),
     Row("risk", "+ risk control (ε = 0.1, ours)", "risk", ("--no-stage2",)),
     Row("risk_stage2", "+ risk control + Stage II", "risk", ("--stage2",)),
@@ -128,6 +130,7 @@ COMPARISONS = [
         "cp_stage2",
         "recall floor + II against CP + II",
     ),
+    ("unimatch_vs_cp_stage2", "cp_unimatch", "cp_stage2", "CP + UniMatch II against CP + II"),
 ]
 
 # two-sided 95 % quantiles of Student's t, by degrees of freedom (1.96 beyond 30)

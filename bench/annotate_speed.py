@@ -396,7 +396,13 @@ def compare(s: Setup, rev: str, rounds: int, profile: bool) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        prepare(s, tmp_path / "inputs")
+        inputs = prepare(s, tmp_path / "inputs")
+        if s.topk == -1:  # one storage for both sides: this tree's auto choice, made explicit
+            import data_manifest
+            from annotate.config import auto_topk
+
+            k = len(data_manifest.load(inputs["manifest"]).classes)
+            s = dataclasses.replace(s, topk=auto_topk(k))
         commit = export_revision(rev, tmp_path / "baseline")
         runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
         for r in range(rounds):

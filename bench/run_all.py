@@ -42,7 +42,7 @@ def _annotate(quick: bool) -> tuple[dict, list[Row]]:
         ),
         (
             "annotate",
-            "cache bytes / float32 logits (unlabeled)",
+            "cache bytes / float32 logits (unlabeled, top-2)",
             cache["size_ratio"],
             "≤ 0.125",
             cache["size_ratio"] <= 0.125,

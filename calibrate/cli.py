@@ -19,8 +19,9 @@ from data_manifest.cli_support import (
     make_app,
     table,
 )
-from data_manifest.config import load_config, parse_section, run_dir
+from data_manifest.config import check_seed, load_config, parse_section, run_dir
 from data_manifest.errors import UserError
+from data_manifest.ownership import check_claim, writer_lock
 
 app = make_app(
     "calibrate", "Conformal calibration of cached annotator scores, and filtered pseudo-label PNGs."
@@ -140,21 +141,24 @@ def run(
     where = "--out-dir" if out_dir else "[calibrate] out_dir" if conf.out_dir else "--run-dir"
     conf = job.with_defaults(conf, cfg, rdir)
     check_output_dir(conf.out_dir, where)
-    the_seed = seed if seed is not None else int(cfg.get("seed", 0))
+    the_seed = check_seed(seed, "--seed") if seed is not None else int(cfg.get("seed", 0))
     mpath = manifest_path(cfg, manifest)
     m = data_manifest.load(mpath)
     resolved = job.resolved_config(cfg, conf, rdir, the_seed, mpath)
     result = job.run(
-        m, conf, Path(conf.cache), Path(conf.out_dir), the_seed, resolved, not is_quiet()
+        m,
+        conf,
+        Path(conf.cache),
+        Path(conf.out_dir),
+        the_seed,
+        resolved,
+        not is_quiet(),
+        option=where,
     )
     if is_quiet():
         return
     for t in report.summary_tables(result["figures"]):
         console.print(t)
-    if result["figures"].get("risk"):
-        console.print(risk_table(result["figures"]["risk"]))
-    if result["figures"].get("recall"):
-        console.print(recall_table(result["figures"]["recall"]))
     tm = result["timings"]
     console.print(
         table(
@@ -170,77 +174,12 @@ def run(
             ],
         )
     )
+    print_link(Path(conf.out_dir) / "report.html")
 
 
-def risk_table(fig: dict[str, Any]) -> Any:
-    """Method risk: τ̂, its certificate, and the kept-pixel figures where labels allow."""
-    sel = fig["selection"]
-
-    def f(v: Any) -> str:
-        return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-    rows = [
-        ["control", f"{fig['control']}" + (f" (δ = {fig['delta']})" if fig["delta"] else "")],
-        ["ε (target error of kept pixels)", f(fig["epsilon"])],
-        [
-            "τ (confidence threshold, PNGs)",
-            "keeps nothing" if fig["keeps_nothing"] else f(fig["tau"]),
-        ],
-        ["calibration images", f(sel["images"])],
-        [
-            "certificate" + (" (CRC bound ≤ ε)" if fig["control"] == "crc" else " (p-value ≤ δ)"),
-            f(sel["statistic"]),
-        ],
-    ]
-    if sel["note"]:
-        rows.append(["note", sel["note"]])
-    for name in ("calibration", "held_out", "val"):
-        d = fig.get(name)
-        if d and d.get("images"):
-            rows.append(
-                [
-                    f"{name}: kept fraction / kept error / mean image error",
-                    f"{f(d['kept_fraction'])} / {f(d['kept_error'])} / {f(d['mean_image_error'])}"
-                    + (
-                        f" (τ = {f(d['tau'])}, from the other images)" if name == "held_out" else ""
-                    ),
-                ]
-            )
-    return table(f"risk control: {fig['guarantee']}", ["", "value"], rows)
-
-
-def recall_table(fig: dict[str, Any]) -> Any:
-    """Method recall: per class, its threshold, whether its miss rate is certified, and the
-    calibration and val figures."""
-
-    def f(v: Any) -> str:
-        return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
-
-    val = fig.get("val") or {}
-    rows = []
-    for s in fig["selection"]:
-        v = val.get(s["cls"], {})
-        rows.append(
-            [
-                s["cls"],
-                "never" if s["index"] < 0 else f(s["tau"]),
-                "yes" if s["certified"] else "no",
-                f(s["images"]),
-                f(s["statistic"]),
-                f"{f(s['recall'])} / {f(s['precision'])}",
-                f"{f(v.get('mean_miss'))} / {f(v.get('recall'))} / {f(v.get('precision'))}",
-            ]
-        )
-    cols = [
-        "class",
-        "threshold",
-        "certified",
-        "images",
-        f"CRC bound (≤ {fig['epsilon']})",
-        "calibration recall / precision",
-        "val mean miss / recall / precision",
-    ]
-    return table(f"recall floor per class: {fig['guarantee']}", cols, rows)
+def print_link(path: Path) -> None:
+    """The command's last line: a plain link to the report, which terminals make clickable."""
+    console.print(f"report: {path.resolve().as_uri()}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -272,7 +211,7 @@ def evaluate(
     batch: Annotated[int, typer.Option(help="Images per Dask task.")] = 8,
 ) -> None:
     """Pseudo-label quality against true labels, several folders side by side, and the
-    annotator's risk-coverage curve (evaluation.json, risk_coverage.png)."""
+    annotator's risk-coverage curve (evaluation.json, risk_coverage.png, report.html)."""
     paths = [Path(p) for p in folders]
     for p in paths:
         if not p.is_dir():
@@ -286,13 +225,21 @@ def evaluate(
     cpath = Path(cache) if cache else Path(first["cache"]["path"])
     out = Path(out_dir) if out_dir else paths[0].parent / "evaluation"
     check_output_dir(out, "--out-dir" if out_dir else "evaluation folder")
+    check_claim(
+        out,
+        evaluate_mod.OWNER,
+        "--out-dir" if out_dir else "evaluation folder",
+        evaluate_mod.written_by_evaluate,
+    )
     try:  # the same range checks as calibrate run's
         CalibrateConfig(scheduler=scheduler, workers=workers, batch=batch)
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
-    result = evaluate_mod.run(
-        m, cpath, paths, out, scheduler, workers, batch, show_progress=not is_quiet()
-    )
+    with writer_lock(out):
+        result = evaluate_mod.run(
+            m, cpath, paths, out, scheduler, workers, batch, show_progress=not is_quiet()
+        )
+        html = report.write_evaluation_html(out, result, m, cpath, paths)
     if is_quiet():
         return
     for t in evaluate_mod.summary_tables(result):
@@ -300,3 +247,4 @@ def evaluate(
     for note in result["notes"]:
         console.print(f"note: {note}")
     console.print(f"wrote {out / 'evaluation.json'} and {out / 'risk_coverage.png'}")
+    print_link(html)

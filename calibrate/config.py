@@ -10,6 +10,9 @@ METHODS = ("cp", "raw", "threshold", "risk", "recall")
 RISK_CONTROLS = ("crc", "ltt")
 BACKGROUND_RULES = ("auto", "prefer_foreground", "most_probable")
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+MAX_WORKERS = 256  # threads or processes started here; a larger number exhausts the machine
+MAX_OVERLAYS = 64  # rows of one figure
+MAX_GALLERY = 200  # images embedded in report.html
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ class CalibrateConfig:
         workers: threads or worker processes; 0 = one per CPU core.
         batch: images per Dask task.
         plots: draw the PNG plots (off saves a few seconds per run in sweeps).
-        overlays: how many unlabeled images the overlay plot shows.
+        overlays: how many unlabeled images the overlay plot shows (worst first).
+        gallery: how many unlabeled images report.html shows (worst first).
         cache: the cache to read; unset = ``[annotate] cache``, else ``{run_dir}/cache.zarr``.
         out_dir: the output folder; unset = ``{run_dir}/pseudo/{method}``.
     """
@@ -75,6 +79,7 @@ class CalibrateConfig:
     batch: int = 8
     plots: bool = True
     overlays: int = 4
+    gallery: int = 12
     cache: str | None = None
     out_dir: str | None = None
 
@@ -105,12 +110,17 @@ class CalibrateConfig:
             raise ValueError(
                 f"held_out_fraction = {self.held_out_fraction!r}: expected a number in [0, 1)"
             )
-        if self.workers < 0:
-            raise ValueError(f"workers = {self.workers!r}: expected >= 0 (0 = one per core)")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(
+                f"workers = {self.workers!r}: expected >= 0 (0 = one per core) and at most "
+                f"{MAX_WORKERS}"
+            )
         if self.batch < 1:
             raise ValueError(f"batch = {self.batch!r}: expected >= 1")
-        if self.overlays < 0:
-            raise ValueError(f"overlays = {self.overlays!r}: expected >= 0")
+        if not 0 <= self.overlays <= MAX_OVERLAYS:
+            raise ValueError(f"overlays = {self.overlays!r}: expected 0 to {MAX_OVERLAYS}")
+        if not 0 <= self.gallery <= MAX_GALLERY:
+            raise ValueError(f"gallery = {self.gallery!r}: expected 0 to {MAX_GALLERY}")
         s = self.scheduler
         if s not in ("threads", "processes", "synchronous") and not s.startswith("tcp://"):
             raise ValueError(

@@ -31,16 +31,27 @@ from annotate.cache import Cache, open_cache
 from calibrate import recall as C
 from calibrate import risk as R
 from calibrate import topk as T
+from calibrate.folder import check_pseudo_folder, refuse_changed, refuse_incomplete, state
 from calibrate.job import check_inputs
+from calibrate.merge import merge
 from calibrate.rules import Rule, label_image
-from calibrate.runner import Runner, merge
+from calibrate.runner import Runner
 from calibrate.tasks import Item, _cache, load
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_path, atomic_write_json, read_label_png
 from data_manifest.manifest import IGNORE_INDEX, Manifest, id_path, reduce_zero_label
+from data_manifest.ownership import claim, holding
 
 SCHEMA = 1
 SETS = ("unlabeled", "held_out", "val")
+OWNER = "calibrate evaluate"
+
+
+def written_by_evaluate(folder: Path) -> bool:
+    """An unmarked folder that an earlier version of ``calibrate evaluate`` wrote: exactly its
+    files (with or without report.html)."""
+    files = ("evaluation.json", "risk_coverage.png")
+    return holding(*files)(folder) or holding(*files, "report.html")(folder)
 
 
 @dataclass(frozen=True)
@@ -78,8 +89,10 @@ def read_report(path: Path) -> dict[str, Any]:
     """A folder's calibration.json, checked for the fields evaluate reads.
 
     Raises:
-        UserError: not an output folder of ``calibrate run``, or an unreadable report.
+        UserError: not an output folder of ``calibrate run``, one a run has not finished, or
+            an unreadable report.
     """
+    refuse_incomplete(path)
     rep_path = path / "calibration.json"
     if not rep_path.is_file():
         raise UserError(
@@ -101,20 +114,15 @@ def read_report(path: Path) -> dict[str, Any]:
 
 
 def check_manifest(path: Path, manifest: Manifest) -> dict[str, Any]:
-    """A folder's calibration.json, checked to come from ``manifest`` (its fingerprint).
+    """A folder's calibration.json, after the check every reader of a pseudo-label folder
+    applies (:func:`calibrate.folder.check_pseudo_folder`: finished, made from ``manifest``,
+    PNGs as recorded).
 
     Raises:
-        UserError: not a calibrate output, or made from another manifest.
+        UserError: not a calibrate output, unfinished, made from another manifest, or changed.
     """
-    rep = read_report(path)
-    fp = rep["manifest"]["fingerprint"]
-    if fp != manifest.fingerprint:
-        raise UserError(
-            f"{path / 'calibration.json'}: manifest fingerprint {fp[:16]!r} but manifest "
-            f"{manifest.path} has {manifest.fingerprint[:16]!r}; expected pseudo-labels made "
-            "from this manifest"
-        )
-    return rep
+    check_pseudo_folder(path, manifest, verify=True, need_report=True)
+    return read_report(path)
 
 
 def read_folder(path: Path, manifest: Manifest, cache: Cache) -> Folder:
@@ -353,7 +361,11 @@ def run(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the folders; writes ``evaluation.json`` and ``risk_coverage.png`` into
-    ``out_dir`` and returns the JSON content."""
+    ``out_dir`` and returns the JSON content. A folder that a calibrate run changed while it
+    was read is refused (:func:`calibrate.folder.refuse_changed`). Hold ``out_dir``'s writer
+    lock while calling it (:func:`data_manifest.ownership.writer_lock`; the command line does,
+    around the report.html it writes next)."""
+    before = [state(p) for p in folder_paths]
     for p in folder_paths:
         check_manifest(p, manifest)
     cache = open_cache(cache_path)
@@ -385,12 +397,14 @@ def run(
         folders=tuple(folders),
     )
     batches = [items[i : i + batch] for i in range(0, len(items), batch)]
-    with Runner(scheduler, workers, show_progress) as runner:
+    with Runner(scheduler, workers, show_progress, ("calibrate.evaluate",)) as runner:
         res = runner.map_reduce(
             count_batch, batches, "evaluate", unit_per_batch=[len(b) for b in batches], ctx=ctx
         )
+    for p, b in zip(folder_paths, before, strict=True):
+        refuse_changed(p, b, "this evaluation", "evaluate again")
     result = summarise(res or {}, manifest, cache, folders)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim(out_dir, OWNER, "--out-dir", legacy=written_by_evaluate)
     atomic_write_json(out_dir / "evaluation.json", result)
     plot(result, out_dir / "risk_coverage.png")
     return result

@@ -5,8 +5,11 @@ Protocol of ``python -m calibrate run`` on its output folder ``out``:
 0. compute every PNG; those whose bytes differ from the file in ``out`` are written to the
    staging folder ``.<out name>.staging`` beside it (``out`` is not touched, so a refusal or a
    kill here leaves the previous folder as it was);
-1. create the marker ``calibration.incomplete`` in ``out`` (atomically);
-2. remove stale temporaries of killed runs and PNGs of ids that are no longer unlabeled;
+1. create the marker ``calibration.incomplete`` in ``out`` (atomically), listing the ids whose
+   PNGs this run puts there;
+2. remove stale temporaries of killed runs and PNGs of ids that are no longer unlabeled (only
+   PNGs a calibrate run wrote: those listed in the previous ``calibration.json`` or in a
+   marker left by a killed run; any other file in the folder is left alone);
 3. move the staged PNGs into place (one rename each), write ``config.toml``, ``run.json``,
    ``kept_fraction.json`` and the plots;
 4. write ``calibration.json``, which records the sha256 of every PNG;
@@ -16,6 +19,14 @@ So a folder is complete exactly when ``calibration.json`` is there and the marke
 killed at any moment leaves either the previous complete folder (killed before step 1) or a
 marked one, which :func:`check_complete` (and so the trainer) refuses until a run finishes.
 Re-running with the same inputs stages nothing and rewrites no PNG.
+
+Ownership and locks (:mod:`data_manifest.ownership`): a run writes only into a folder that is
+new, empty or marked as calibrate's (a folder written before the mark is recognised by its
+report or marker), and holds the folder's lock from its first check to its last write.
+
+Readers: :func:`check_pseudo_folder` is the one check every reader of a pseudo-label folder
+applies (the trainer, ``calibrate evaluate``): finished, made from the reader's manifest, and
+unchanged since.
 
 This module imports no dask, zarr or annotate code, so readers (the trainer) stay light.
 """
@@ -31,21 +42,24 @@ from pathlib import Path
 from typing import Any
 
 from data_manifest.errors import UserError
-from data_manifest.io import atomic_write_text
-from data_manifest.manifest import id_path
+from data_manifest.io import atomic_write_json
+from data_manifest.manifest import Manifest, id_path
+from data_manifest.ownership import check_claim, claim
 
 REPORT = "calibration.json"
 MARKER = "calibration.incomplete"
-_MARKER_TEXT = (
+OWNER = "calibrate run"
+_MARKER_NOTE = (
     "A python -m calibrate run started writing this folder and has not finished: the PNGs may "
-    "mix two runs. Run it again to complete the folder; trainers refuse it until then.\n"
+    "mix two runs. Run it again to complete the folder; trainers refuse it until then."
 )
 
 
-def mark_incomplete(out_dir: Path) -> None:
-    """Step 1: the folder is refused by readers from now until :func:`mark_complete`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / MARKER, _MARKER_TEXT)
+def mark_incomplete(out_dir: Path, ids: Iterable[str], option: str = "out_dir") -> None:
+    """Step 1: mark the folder as calibrate's and incomplete (readers refuse it from now until
+    :func:`mark_complete`); the marker lists ``ids``, the images whose PNGs this run writes."""
+    claim(out_dir, OWNER, option, legacy=is_ours)
+    atomic_write_json(out_dir / MARKER, {"note": _MARKER_NOTE, "pngs": sorted(ids)})
 
 
 def mark_complete(out_dir: Path) -> None:
@@ -58,46 +72,67 @@ def is_ours(out_dir: Path) -> bool:
     return (out_dir / REPORT).is_file() or (out_dir / MARKER).is_file()
 
 
-def check_writable(out_dir: Path) -> None:
-    """Refuse an existing, non-empty folder that calibrate did not write (its files would be
-    mixed with the PNGs, and orphan clean-up must never touch them).
+def check_writable(out_dir: Path, option: str = "out_dir") -> None:
+    """Refuse a folder calibrate may not write into: a file, a folder marked by another
+    command, or a non-empty one that calibrate did not write (its files would be mixed with
+    the PNGs). ``option`` names where the path came from, for the message.
 
     Raises:
-        UserError: ``out_dir`` is a file, or a non-empty folder without a calibrate report.
+        UserError: one line naming the folder and what it holds.
     """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir}: out_dir is a file; expected a folder for the pseudo-labels")
-    if out_dir.is_dir() and not is_ours(out_dir) and any(out_dir.iterdir()):
-        raise UserError(
-            f"{out_dir}: out_dir exists, is not empty and holds no {REPORT}; expected an "
-            "empty or new folder, or one written by python -m calibrate run"
-        )
+    check_claim(out_dir, OWNER, option, legacy=is_ours)
 
 
-def clean(out_dir: Path, keep_ids: Iterable[str]) -> tuple[int, int]:
-    """Step 2: remove temporaries (``.*.tmp`` in ``out_dir`` and ``plots/``, left by killed
-    writers) and pseudo-label PNGs (``out_dir/<id>.png``) whose id is not in ``keep_ids``.
-    Call only on a folder calibrate owns (see :func:`check_writable`) and while no other run
-    writes to it.
+def written_ids(out_dir: Path) -> set[str]:
+    """Ids whose PNG a calibrate run wrote into ``out_dir``: those recorded in its report and
+    those listed in the marker of a run that did not finish."""
+    ids: set[str] = set()
+    for name, key in ((REPORT, "pngs"), (MARKER, "pngs")):
+        try:
+            listed = json.loads((out_dir / name).read_text(encoding="utf-8")).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(listed, dict | list):
+            ids.update(i for i in listed if isinstance(i, str))
+    return ids
+
+
+def _ours_temporary(name: str) -> bool:
+    """A temporary of an atomic write of a file calibrate writes (PNG, JSON, TOML, HTML):
+    ``.<file>.<random>[.<suffix>].tmp`` (see :func:`data_manifest.io.atomic_path`)."""
+    return (
+        name.startswith(".")
+        and name.endswith(".tmp")
+        and any(f"{ext}." in name for ext in (".png", ".json", ".toml", ".html"))
+    )
+
+
+def clean(out_dir: Path, keep_ids: Iterable[str], previous: set[str]) -> tuple[int, int]:
+    """Step 2: remove temporaries of killed writers (``.<name>.<random>.tmp`` in ``out_dir``
+    and ``plots/``) and the PNGs of ``previous`` ids (:func:`written_ids`, read before step 1)
+    that are not in ``keep_ids``. Other files are never touched. Call only on a folder
+    calibrate owns, under its lock.
 
     Returns:
         (temporaries removed, orphan PNGs removed).
     """
-    keep = {f"{i}.png" for i in keep_ids}
+    keep = set(keep_ids)
     tmp = orphans = 0
     for folder in (out_dir, out_dir / "plots"):
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            name = path.name
-            if not path.is_file():
-                continue
-            if name.startswith(".") and name.endswith(".tmp"):
+            if path.is_file() and _ours_temporary(path.name):
                 path.unlink(missing_ok=True)
                 tmp += 1
-            elif folder == out_dir and name.endswith(".png") and name not in keep:
-                path.unlink(missing_ok=True)
-                orphans += 1
+    for image_id in sorted(previous - keep):
+        try:
+            png = id_path(out_dir, image_id)
+        except UserError:  # a hand-edited report: an id that is no file name of ours
+            continue
+        if png.is_file():
+            png.unlink()
+            orphans += 1
     return tmp, orphans
 
 
@@ -124,6 +159,96 @@ def digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def refuse_incomplete(pseudo_dir: str | os.PathLike) -> None:
+    """Refuse a folder a calibrate run is writing or was stopped in (its marker is there)."""
+    d = Path(pseudo_dir)
+    if (d / MARKER).is_file():
+        raise UserError(
+            f"{d / MARKER}: the pseudo-labels are incomplete (a calibrate run is writing "
+            "them or was stopped before it finished); expected a finished run: run "
+            "python -m calibrate run again with the settings you want"
+        )
+
+
+def check_pseudo_folder(
+    pseudo_dir: str | os.PathLike,
+    manifest: Manifest,
+    verify: bool = True,
+    need_report: bool = False,
+) -> dict[str, Any] | None:
+    """The check every reader applies to a pseudo-label folder before using it.
+
+    In order: no calibrate run is writing the folder or was stopped in it; its report comes
+    from ``manifest`` (same fingerprint: another dataset, or another version of
+    this one, is named as such); the report lists a PNG for every unlabeled image of
+    ``manifest``; and (``verify``) every listed PNG has the recorded sha256.
+
+    Args:
+        need_report: refuse a folder without ``calibration.json`` (PNGs from another tool,
+            which the trainer accepts after checking the PNGs themselves).
+    Returns:
+        The report, or None for a folder without one.
+    Raises:
+        UserError: the first check that fails, in one line.
+    """
+    d = Path(pseudo_dir)
+    if d.exists() and not d.is_dir():
+        raise UserError(f"{d}: is a file; expected a folder of pseudo-label PNGs")
+    refuse_incomplete(d)
+    report = _read_report(d)
+    if report is None:
+        if need_report:
+            raise UserError(
+                f"{d}: not a pseudo-label folder (no {REPORT}); expected an output folder "
+                "of python -m calibrate run"
+            )
+        return None
+    made_from = report.get("manifest")
+    fp = made_from.get("fingerprint") if isinstance(made_from, dict) else None
+    if isinstance(fp, str) and fp != manifest.fingerprint:
+        path = made_from.get("path", "?")
+        raise UserError(
+            f"{d / REPORT}: the pseudo-labels were made from another manifest ({path}, "
+            f"fingerprint {fp[:12]}); expected pseudo-labels made from {manifest.path} "
+            f"(fingerprint {manifest.fingerprint[:12]}): run python -m calibrate run on it"
+        )
+    return _check_pngs(d, report, [r.id for r in manifest.split("unlabeled")], verify)
+
+
+def state(pseudo_dir: str | os.PathLike) -> tuple[str | None, bool]:
+    """(sha256 of the report or None, whether the folder is marked incomplete): a reader that
+    takes this before and after reading the folder knows whether a calibrate run changed it
+    meanwhile (readers take no lock: they write nothing into calibrate's folder)."""
+    d = Path(pseudo_dir)
+    report = d / REPORT
+    return (digest(report) if report.is_file() else None), (d / MARKER).is_file()
+
+
+def refuse_changed(
+    pseudo_dir: str | os.PathLike, before: tuple[str | None, bool], use: str, again: str
+) -> None:
+    """Raise when :func:`state` of the folder differs from ``before``: ``use`` (``"the run in
+    runs/x"``) read two sets of pseudo-labels; ``again`` says what to do (``"train again with
+    --restart"``)."""
+    if state(pseudo_dir) != before:
+        raise UserError(
+            f"{pseudo_dir}: a calibrate run changed the pseudo-labels while {use} read them; "
+            f"expected them unchanged ({use} mixed two sets): {again} once the folder is "
+            "complete"
+        )
+
+
+def nothing_kept(pseudo_dir: str | os.PathLike) -> bool:
+    """True when the folder's report says its PNGs keep no pixel (all 255); False when they
+    keep some, or when there is no readable report."""
+    try:
+        report = _read_report(Path(pseudo_dir))
+    except UserError:
+        return False
+    unlabeled = (report or {}).get("unlabeled")
+    return isinstance(unlabeled, dict) and unlabeled.get("kept_pixels") == 0
+
+
 def check_complete(
     pseudo_dir: str | os.PathLike, ids: Iterable[str] | None = None, verify: bool = True
 ) -> dict[str, Any] | None:
@@ -142,12 +267,15 @@ def check_complete(
             is unreadable, an id has no recorded PNG, or a PNG differs from its record.
     """
     d = Path(pseudo_dir)
-    if (d / MARKER).is_file():
-        raise UserError(
-            f"{d / MARKER}: the pseudo-labels are incomplete (a calibrate run is writing "
-            "them or was stopped before it finished); expected a finished run: run "
-            "python -m calibrate run again with the settings you want"
-        )
+    refuse_incomplete(d)
+    report = _read_report(d)
+    if report is None:
+        return None
+    return _check_pngs(d, report, ids, verify)
+
+
+def _read_report(d: Path) -> dict[str, Any] | None:
+    """``d/calibration.json`` as a dict; None when there is none."""
     path = d / REPORT
     if not path.is_file():
         return None
@@ -157,6 +285,15 @@ def check_complete(
         raise UserError(f"{path}: cannot read the calibration report ({exc})") from None
     if not isinstance(report, dict):
         raise UserError(f"{path}: expected a JSON object (the calibration report)")
+    return report
+
+
+def _check_pngs(
+    d: Path, report: dict[str, Any], ids: Iterable[str] | None, verify: bool
+) -> dict[str, Any]:
+    """The report lists a PNG for every id of ``ids``; (``verify``) each listed PNG has the
+    recorded sha256. Returns ``report``."""
+    path = d / REPORT
     recorded = report.get("pngs")
     if recorded is None:  # written before PNG digests were recorded (schema 1)
         return report

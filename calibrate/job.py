@@ -21,6 +21,7 @@ completed by ``calibration.json`` (see :mod:`calibrate.folder`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -43,9 +44,11 @@ from calibrate.folder import (
     mark_complete,
     mark_incomplete,
     staging_dir,
+    written_ids,
 )
+from calibrate.merge import merge
 from calibrate.rules import Rule
-from calibrate.runner import Runner, merge
+from calibrate.runner import Runner
 from calibrate.tasks import (
     Ctx,
     Item,
@@ -61,6 +64,7 @@ from data_manifest.config import section_dict, write_resolved
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_json
 from data_manifest.manifest import Manifest
+from data_manifest.ownership import writer_lock
 
 SCHEMA = 2  # 2: PNG digests (pngs), per-image coverage, undetermined top-k pixels
 
@@ -126,6 +130,14 @@ def check_inputs(manifest: Manifest, cache: Cache, held_out_fraction: float, see
         raise UserError(
             f"{mpath}: labeled image {unlab_rows[0].id!r} has label = null; "
             "expected a label file for every labeled image"
+        )
+    damaged = cache.damaged(labeled + unlabeled)
+    if damaged:
+        image_id, file, reason = damaged[0]
+        raise UserError(
+            f"{file}: {reason}; image {image_id!r} of the cache {cpath} is damaged "
+            f"({len(damaged)} of the manifest's images are); expected complete image data "
+            "(python -m annotate run annotates damaged images again)"
         )
     val_rows = [r for r in manifest.split("val") if r.label is not None]
     val = [r.id for r in val_rows if r.id in present]
@@ -324,22 +336,46 @@ def run(
     seed: int,
     resolved: dict[str, Any],
     show_progress: bool = True,
+    option: str = "out_dir",
 ) -> dict[str, Any]:
     """Run the whole calibration; returns ``{"figures": content of calibration.json,
     "rewritten", "removed_temporaries", "removed_orphans", "timings", "workers"}``.
 
     Every path is resolved here, before any task is sent, so that workers with another
-    working directory (a remote Dask cluster) read and write the same files.
+    working directory (a remote Dask cluster) read and write the same files. The output
+    folder's lock is held from the first check of the folder to the last write.
 
     Args:
         resolved: the resolved run config, written to ``out_dir/config.toml``.
+        option: where ``out_dir`` came from (``--out-dir``), for messages.
+    Raises:
+        UserError: bad inputs, a folder calibrate may not write into, or another run
+            writing the same folder.
     """
     t0 = time.perf_counter()
     cache_path, out_dir = Path(cache_path).resolve(), Path(out_dir).resolve()
     cache = open_cache(cache_path)
     plan = check_inputs(manifest, cache, conf.held_out_fraction, seed)
     bg = background_index(manifest, conf)
-    check_writable(out_dir)
+    check_writable(out_dir, option)
+    with writer_lock(out_dir):
+        check_writable(out_dir, option)  # again: another run may have written it meanwhile
+        return _run(manifest, conf, cache, plan, bg, out_dir, seed, resolved, show_progress, t0)
+
+
+def _run(
+    manifest: Manifest,
+    conf: CalibrateConfig,
+    cache: Cache,
+    plan: Plan,
+    bg: int | None,
+    out_dir: Path,
+    seed: int,
+    resolved: dict[str, Any],
+    show_progress: bool,
+    t0: float,
+) -> dict[str, Any]:
+    """:func:`run` past the checks, under the folder's lock."""
     resized = check_topk(cache, plan, conf)
     grid = tuple(sorted(set(conf.alphas) | {conf.alpha}))
     ia = grid.index(conf.alpha)
@@ -354,12 +390,11 @@ def run(
         main=ia,
         max_set_size=conf.max_set_size,
     )
-    label_of = {
-        r.id: str(Path(manifest.label_path(r)).resolve()) if r.label else None
-        for r in manifest.rows
+    label_of = {  # absolute (not resolved: a link loop is reported when it is read)
+        r.id: os.path.abspath(manifest.label_path(r)) if r.label else None for r in manifest.rows
     }
     timings: dict[str, float] = {}
-    with Runner(conf.scheduler, conf.workers, show_progress) as runner:
+    with Runner(conf.scheduler, conf.workers, show_progress, ("calibrate.tasks",)) as runner:
         qmat, qinfo, n_pixels = _calibrate(runner, plan, label_of, ctx, conf, manifest, timings)
         t = time.perf_counter()
         ev = _report_pass(runner, plan, label_of, ctx, conf, qmat)
@@ -395,23 +430,28 @@ def run(
         stage = staging_dir(out_dir)
         shutil.rmtree(stage, ignore_errors=True)
         t = time.perf_counter()
-        wr = _run_pass(
-            runner,
-            write_pseudo,
-            u_items,
-            conf.batch,
-            f"write {conf.method}",
-            ctx=ctx,
-            method=conf.method,
-            qhat=qhat,
-            tau=tau,
-            out_dir=str(out_dir),
-            stage_dir=str(stage),
-            palette=manifest.palette,
-            thresholds=None
-            if png_rule is None or png_rule.thresholds is None
-            else np.asarray(png_rule.thresholds, np.float32),
-        )
+        thresholds = None
+        if png_rule is not None and png_rule.thresholds is not None:
+            thresholds = np.asarray(png_rule.thresholds, np.float32)
+        try:
+            wr = _run_pass(
+                runner,
+                write_pseudo,
+                u_items,
+                conf.batch,
+                f"write {conf.method}",
+                ctx=ctx,
+                method=conf.method,
+                qhat=qhat,
+                tau=tau,
+                out_dir=str(out_dir),
+                stage_dir=str(stage),
+                palette=manifest.palette,
+                thresholds=thresholds,
+            )
+        except Exception:  # a refused run (a damaged image, ...) leaves nothing behind
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
         timings["write_s"] = time.perf_counter() - t
         workers = runner.n_workers
     rows = sorted(wr.get("images", []))
@@ -465,8 +505,11 @@ def _commit(
     """Mark the folder incomplete, clean it, move the staged PNGs in, write config and log
     (see :mod:`calibrate.folder`); the caller writes the report and removes the marker."""
     t = time.perf_counter()
-    mark_incomplete(out_dir)
-    result["removed_temporaries"], result["removed_orphans"] = clean(out_dir, plan.unlabeled)
+    previous = written_ids(out_dir)
+    mark_incomplete(out_dir, plan.unlabeled)
+    result["removed_temporaries"], result["removed_orphans"] = clean(
+        out_dir, plan.unlabeled, previous
+    )
     commit(stage, out_dir, [r[0] for r in rows if r[3]])
     write_resolved(out_dir / "config.toml", resolved)
     result["timings"]["commit_s"] = time.perf_counter() - t
@@ -580,7 +623,7 @@ def _figures(
         "rule": {k: (v.to_json() if v is not None else None) for k, v in out.rules.items()},
         "risk": out.risk if conf.method == "risk" else None,
         "recall": out.risk if conf.method == "recall" else None,
-        "qhat_used_by_pngs": "q̂ from all labeled images",
+        "qhat_used_by_pngs": report.PNG_RULE.get(conf.method, "q̂ from all labeled images"),
         "calibration": {
             "images": len(plan.cal) + len(plan.held),
             "pixels": out.n_pixels,

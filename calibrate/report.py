@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from calibrate import html_report as H
 from calibrate.config import CalibrateConfig
 from data_manifest.cli_support import table
-from data_manifest.io import atomic_path, atomic_write_text, colorize, read_label_png
+from data_manifest.io import atomic_path, atomic_write_text, read_label_png
 from data_manifest.manifest import Manifest
 
 
@@ -152,18 +154,37 @@ def figures(
     return out
 
 
+# calibration.json's "qhat_used_by_pngs": what the PNGs are thresholded with, per method
+PNG_RULE = {
+    "cp": "q̂ from all labeled images",
+    "threshold": "none: the confidence threshold unlabeled.threshold",
+    "raw": "none: the raw argmax",
+    "risk": "none: the risk-controlled threshold risk.tau",
+    "recall": "none: the per-class thresholds recall.thresholds",
+}
+_QHAT_ROLE = {
+    "cp": "q̂ (all labeled images; used by the PNGs)",
+    "threshold": "q̂ (CP's, all labeled images; τ keeps as many pixels as it)",
+    "raw": "q̂ (CP's, for the figures; the PNGs are the raw argmax)",
+    "risk": "q̂ (CP's, for the figures; the PNGs use τ, below)",
+    "recall": "q̂ (CP's; the threshold of classes too rare to certify is 1 − q̂)",
+}
+
+
 def summary_tables(fig: dict[str, Any]) -> list[Any]:
-    """Rich tables: settings and q̂, then the held-out / val figures side by side."""
+    """Rich tables (at most about 100 characters wide): settings, q̂ and what the PNGs use, then
+    the prediction-set figures on the held-out and val images, then per-class coverage."""
     q = fig["qhat"]
+    method = fig["method"]
     qtxt = f"{q:.6g}" if isinstance(q, float) else f"pooled {q['pooled']:.6g} (per class below)"
     cal = fig["calibration"]
     rows = [
         ["alpha", fig["alpha"]],
         ["mode", fig["mode"]],
         ["score", fig["score"]],
-        ["method", fig["method"]],
+        ["method", method],
         ["background rule", f"{fig['background_rule']} (index {fig['background_index']})"],
-        ["q̂ (all labeled; used by the PNGs)", qtxt],
+        [_QHAT_ROLE.get(method, "q̂ (all labeled images)"), qtxt],
         ["calibration images", cal["images"]],
         ["calibration pixels", cal["pixels"]],
     ]
@@ -172,7 +193,8 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
     if u.get("undetermined_pixels"):
         rows.append(["undetermined by top-k storage (255)", _f(u["undetermined_fraction"])])
     if u["threshold"] is not None:
-        rows.append(["confidence threshold", f"{u['threshold']:.6g}"])
+        what = "τ (risk control)" if method == "risk" else "confidence threshold τ"
+        rows.append([f"{what}, used by the PNGs", f"{u['threshold']:.6g}"])
     out = [table("calibration", ["setting", "value"], [[a, str(b)] for a, b in rows])]
     keys = [
         ("images", "images"),
@@ -180,10 +202,12 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
         ("mean_set_size", "mean set size"),
         ("singleton_rate", "singleton rate"),
         ("empty_rate", "empty rate"),
-        ("kept_fraction", "kept fraction"),
-        ("kept_accuracy", "kept accuracy"),
+        ("kept_fraction", "kept fraction (CP rule)"),
+        ("kept_accuracy", "kept accuracy (CP rule)"),
         ("raw_accuracy", "raw argmax accuracy"),
     ]
+    if method != "cp":  # these PNGs keep other pixels: the CP rule's kept pixels would mislead
+        keys = [k for k in keys if k[0] not in ("kept_fraction", "kept_accuracy")]
     cols = [(name, fig[name]) for name in ("held_out", "val") if fig.get(name)]
     if cols:
         spread = [
@@ -191,9 +215,14 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
             ["coverage per image: median", *[_img(d, "median") for _, d in cols]],
             ["coverage per image: 5th-95th pct.", *[_img(d, "p05", "p95") for _, d in cols]],
         ]
+        title = (
+            f"prediction sets at alpha = {fig['alpha']} (target coverage {1 - fig['alpha']:.4g})"
+        )
+        if method != "cp":
+            title += f"; the PNGs use method {method}"
         out.append(
             table(
-                f"figures at alpha = {fig['alpha']} (target coverage {1 - fig['alpha']:.4g})",
+                title,
                 ["figure", *[c for c, _ in cols]],
                 [[label, *[_f(d[k]) for _, d in cols]] for k, label in keys[:2]]
                 + spread
@@ -214,7 +243,93 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
                 per,
             )
         )
+    if fig.get("risk"):
+        out += risk_tables(fig["risk"])
+    if fig.get("recall"):
+        out += recall_tables(fig["recall"])
     return out
+
+
+def recall_tables(fig: dict[str, Any]) -> list[Any]:
+    """Method recall: ε, its guarantee and the classes it cannot certify; then per class its
+    threshold, whether its miss rate is certified (with the CRC bound), and the miss rate,
+    recall and precision on the calibration and val images."""
+    head = [
+        ["ε (miss rate per object class)", _f(fig["epsilon"])],
+        ["guarantee", _wrap(fig["guarantee"])],
+        ["not certified (too few images)", ", ".join(fig["not_certified"]) or "none"],
+        ["their threshold (1 − q̂)", f"{fig['fallback']:.4g}"],
+    ]
+    val = fig.get("val") or {}
+    rows = []
+    for s in fig["selection"]:
+        v = val.get(s["cls"], {})
+        rows.append(
+            [
+                s["cls"],
+                f"{s['tau']:.4g}",
+                f"yes ({_f(s['statistic'])})" if s["certified"] else "no",
+                str(s["images"]),
+                f"{_f(s['miss'])} / {_f(s['recall'])} / {_f(s['precision'])}",
+                f"{_f(v.get('mean_miss'))} / {_f(v.get('recall'))} / {_f(v.get('precision'))}",
+            ]
+        )
+    cols = [
+        "class",
+        "threshold",
+        f"certified (bound ≤ {fig['epsilon']})",
+        "images",
+        "calibration miss / recall / precision",
+        "val miss / recall / precision",
+    ]
+    return [
+        table("recall floor", ["", "value"], head),
+        table("recall floor per class", cols, rows),
+    ]
+
+
+def risk_tables(fig: dict[str, Any]) -> list[Any]:
+    """Method risk: τ̂, its guarantee and certificate; then the kept-pixel figures where labels
+    allow, one column per image set (calibration, held-out with its own τ, val)."""
+    sel = fig["selection"]
+    control = fig["control"] + (f" (δ = {fig['delta']})" if fig["delta"] else "")
+    cert = "CRC bound ≤ ε" if fig["control"] == "crc" else "p-value ≤ δ"
+    rows = [
+        ["control", control],
+        ["ε (target error of kept pixels)", _f(fig["epsilon"])],
+        [
+            "τ (confidence threshold, PNGs)",
+            "keeps nothing" if fig["keeps_nothing"] else _f(fig["tau"]),
+        ],
+        ["calibration images", _f(sel["images"])],
+        [f"certificate ({cert})", _f(sel["statistic"])],
+    ]
+    rows.append(["guarantee", _wrap(fig["guarantee"])])
+    if sel["note"]:
+        rows.append(["note", _wrap(sel["note"])])
+    out = [table("risk control", ["", "value"], rows)]
+    sets = [
+        (n, fig[n]) for n in ("calibration", "held_out", "val") if (fig.get(n) or {}).get("images")
+    ]
+    if sets:
+        keys = [
+            ("images", "images"),
+            ("tau", "τ used (held-out: from the other images)"),
+            ("kept_fraction", "kept fraction"),
+            ("kept_error", "error of kept pixels"),
+            ("mean_image_error", "mean per-image error"),
+        ]
+        body = [
+            [label, *[_f(d.get(k, fig["tau"] if k == "tau" else None)) for _, d in sets]]
+            for k, label in keys
+        ]
+        out.append(table("risk control: kept pixels", ["figure", *[n for n, _ in sets]], body))
+    return out
+
+
+def _wrap(text: str, width: int = 56) -> str:
+    """Long text on several lines of a table cell, so that tables stay narrow in a log."""
+    return textwrap.fill(str(text), width, break_long_words=False, break_on_hyphens=False)
 
 
 def _interval(d: dict[str, Any]) -> str:
@@ -233,7 +348,10 @@ def _f(v: Any) -> str:
 
 def _save(fig: Any, path: Path) -> None:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None})
+        fig.savefig(tmp, dpi=100, format="png", metadata={"Software": None}, bbox_inches="tight")
+
+
+PLOTS = ("coverage_vs_alpha", "per_class_coverage", "kept_fraction", "overlays")
 
 
 def write_all(
@@ -244,15 +362,101 @@ def write_all(
     cache: Any,
     conf: CalibrateConfig,
 ) -> None:
-    """Write kept_fraction.json, the plots (if enabled) and, last, calibration.json.
+    """Write kept_fraction.json, the plots (if enabled), report.html and, last,
+    calibration.json.
 
     ``rows``: (id, kept pixels, pixels, ...) per unlabeled image. Files whose bytes would not
     change are left alone.
     """
     _write_json_if_changed(out_dir / "kept_fraction.json", {r[0]: ratio(r[1], r[2]) for r in rows})
+    order, errors = gallery_order(out_dir, rows, manifest)
     if conf.plots:
-        write_plots(out_dir, fig, rows, manifest, cache, conf)
+        write_plots(out_dir, fig, rows, manifest, cache, conf, order)
+    write_html(out_dir, fig, rows, manifest, cache, conf, order, errors)
     _write_json_if_changed(out_dir / "calibration.json", fig)
+
+
+def gallery_order(
+    out_dir: Path, rows: list[tuple], manifest: Manifest
+) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Unlabeled ids worst first (see :func:`calibrate.html_report.rank`), and (kept, wrong)
+    pixels of the PNGs of the ranked images that have a true label."""
+    ids = [r[0] for r in rows]
+    with_truth = [i for i in ids if manifest.row(i).label is not None]
+    errors = H.pseudo_errors(out_dir, manifest, H.sample(with_truth))
+    kept = {r[0]: ratio(r[1], r[2]) or 0.0 for r in rows}
+    return H.rank(ids, kept, errors), errors
+
+
+def write_html(
+    out_dir: Path,
+    fig: dict[str, Any],
+    rows: list[tuple],
+    manifest: Manifest,
+    cache: Any,
+    conf: CalibrateConfig,
+    order: list[str],
+    errors: dict[str, tuple[int, int]],
+) -> Path:
+    """report.html: the summary tables, the plots and the gallery, worst images first."""
+    kept = {r[0]: (r[1], r[2]) for r in rows}
+    method = fig["method"]
+    entries = []
+    for image_id in order[: conf.gallery]:
+        pseudo = read_label_png(out_dir / f"{image_id}.png")
+        panels, _ = H.image_panels(
+            manifest, cache, image_id, [(f"pseudo-label ({method})", pseudo)]
+        )
+        k, n = kept[image_id]
+        caption = f"kept {100 * k / max(n, 1):.1f} % of the pixels"
+        if image_id in errors:
+            e_kept, e_wrong = errors[image_id]
+            err = f"{100 * e_wrong / e_kept:.1f} %" if e_kept else "- (nothing kept)"
+            caption += f"; error of the kept pixels against the true label: {err}"
+        else:
+            caption += "; no true label"
+        entries.append(H.Entry(image_id, caption, panels))
+    n_truth = sum(1 for i in order if i in errors)
+    if n_truth == len(order):
+        ranked = "by the error of their kept pixels against the true label, highest first"
+    elif n_truth:
+        ranked = (
+            f"the {n_truth} with a true label first, by the error of their kept pixels "
+            "(highest first), then the others by the fraction of pixels kept (lowest first)"
+        )
+    else:
+        ranked = "by the fraction of pixels kept, lowest first (none has a true label)"
+    if n_truth >= H.RANK_LIMIT:
+        ranked += f" (errors measured on an even sample of {H.RANK_LIMIT})"
+    gallery = H.gallery_section(
+        f"{len(entries)} of {len(order)} unlabeled images, worst first: {ranked}. Raw argmax: "
+        "the annotator's most probable class; pseudo-label: what training reads.",
+        manifest.classes,
+        manifest.palette,
+        entries,
+    )
+    plots = [p for p in PLOTS if (out_dir / "plots" / f"{p}.png").is_file()] if conf.plots else []
+    plot_html = (
+        '<div class="plots">'
+        + "".join(
+            f'<img src="{H.file_uri(out_dir / "plots" / f"{p}.png")}" alt="{p}">' for p in plots
+        )
+        + "</div>"
+        if plots
+        else '<p class="note">plots are off (plots = false)</p>'
+    )
+    u = fig["unlabeled"]
+    intro = (
+        f'<p class="note">python -m calibrate run: method {H.esc(method)}, α = '
+        f"{fig['alpha']}, mode {H.esc(fig['mode'])}, score {H.esc(fig['score'])}; "
+        f"{u['images']} unlabeled images, kept fraction {_f(u['kept_fraction'])}. Manifest "
+        f"{H.esc(fig['manifest']['path'])}, cache {H.esc(fig['cache']['path'])}. The figures "
+        "are in calibration.json beside this file.</p>"
+    )
+    title = f"calibration report: {method}, α = {fig['alpha']}, {fig['mode']} mode"
+    return H.write_report(
+        out_dir / "report.html", title, intro, summary_tables(fig), plot_html, gallery
+    )
 
 
 def _write_json_if_changed(path: Path, obj: Any) -> None:
@@ -269,8 +473,10 @@ def write_plots(
     manifest: Manifest,
     cache: Any,
     conf: CalibrateConfig,
+    order: list[str] | None = None,
 ) -> None:
-    """coverage_vs_alpha, per_class_coverage, kept_fraction and overlays PNGs in out_dir/plots."""
+    """coverage_vs_alpha, per_class_coverage, kept_fraction and overlays PNGs in out_dir/plots;
+    the overlays show the first ``conf.overlays`` images of ``order`` (default: ``rows``')."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -298,21 +504,7 @@ def write_plots(
     f.tight_layout()
     _save(f, plots / "coverage_vs_alpha.png")
     plt.close(f)
-    # per-class coverage
-    classes = fig["classes"]
-    f, ax = plt.subplots(figsize=(max(5, 0.5 * len(classes) + 2), 4))
-    width = 0.8 / max(len(sets), 1)
-    for j, (name, d) in enumerate(sets):
-        vals = [d["coverage_per_class"][c] or 0.0 for c in classes]
-        ax.bar(np.arange(len(classes)) + j * width, vals, width=width, label=name)
-    ax.axhline(1 - fig["alpha"], color="k", ls="--", label="1 − α")
-    ax.set_xticks(np.arange(len(classes)) + width * (len(sets) - 1) / 2)
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("coverage")
-    ax.set_title(f"per-class coverage at α = {fig['alpha']}")
-    ax.legend(loc="lower right")
-    f.tight_layout()
+    f = per_class_figure(fig)
     _save(f, plots / "per_class_coverage.png")
     plt.close(f)
     # kept fraction per unlabeled image
@@ -325,27 +517,146 @@ def write_plots(
     f.tight_layout()
     _save(f, plots / "kept_fraction.png")
     plt.close(f)
-    # overlays: image | raw argmax | pseudo-label
-    ids = [r[0] for r in rows[: conf.overlays]]
+    ids = (order if order is not None else [r[0] for r in rows])[: conf.overlays]
     if ids:
-        f, axes = plt.subplots(len(ids), 3, figsize=(9, 3 * len(ids)), squeeze=False)
-        for ax_row, image_id in zip(axes, ids, strict=True):
-            row = manifest.row(image_id)
-            pseudo = read_label_png(out_dir / f"{image_id}.png")
-            panels = [
-                manifest.read_image(row),
-                colorize(cache.argmax(image_id), manifest.palette),
-                colorize(pseudo, manifest.palette),
-            ]
-            for ax, im, title in zip(
-                ax_row,
-                panels,
-                ("image", "raw argmax", f"pseudo-label ({fig['method']})"),
-                strict=True,
-            ):
-                ax.imshow(im)
-                ax.set_title(f"{image_id}: {title}" if title == "image" else title, fontsize=8)
-                ax.axis("off")
-        f.tight_layout()
-        _save(f, plots / "overlays.png")
-        plt.close(f)
+        overlays(out_dir, fig["method"], ids, manifest, cache, plots / "overlays.png")
+
+
+def per_class_figure(fig: dict[str, Any]) -> Any:
+    """The per-class coverage bars (held-out and val) with the 1 − α line; the legend sits
+    right of the axes, where it hides no bar."""
+    import matplotlib.pyplot as plt
+
+    sets = [(name, fig[name]) for name in ("held_out", "val") if fig.get(name)]
+    classes = fig["classes"]
+    f, ax = plt.subplots(figsize=(max(5, 0.5 * len(classes) + 2), 4))
+    width = 0.8 / max(len(sets), 1)
+    for j, (name, d) in enumerate(sets):
+        vals = [d["coverage_per_class"][c] or 0.0 for c in classes]
+        ax.bar(np.arange(len(classes)) + j * width, vals, width=width, label=name)
+    ax.axhline(1 - fig["alpha"], color="k", ls="--", label="1 − α")
+    ax.set_xticks(np.arange(len(classes)) + width * (len(sets) - 1) / 2)
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("coverage")
+    ax.set_title(f"per-class coverage at α = {fig['alpha']}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    f.tight_layout()
+    return f
+
+
+def overlays(
+    out_dir: Path, method: str, ids: list[str], manifest: Manifest, cache: Any, path: Path
+) -> None:
+    """Write overlays.png (see :func:`overlays_figure`)."""
+    import matplotlib.pyplot as plt
+
+    f = overlays_figure(out_dir, method, ids, manifest, cache)
+    _save(f, path)
+    plt.close(f)
+
+
+def overlays_figure(
+    out_dir: Path, method: str, ids: list[str], manifest: Manifest, cache: Any
+) -> Any:
+    """image | true label (where the manifest has one) | raw argmax | pseudo-label, one row per
+    image of ``ids``, under a legend of the classes and of ignored pixels (grey checks)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rows = []
+    for image_id in ids:
+        pseudo = read_label_png(out_dir / f"{image_id}.png")
+        panels, _ = H.image_panels(
+            manifest, cache, image_id, [(f"pseudo-label ({method})", pseudo)]
+        )
+        rows.append((image_id, [p for p in panels if p[0] != "confidence"]))
+    ncol = max(len(p) for _, p in rows)
+    height = 2.6 * len(rows) + 0.8  # inches: the rows, then the legend below them
+    f, axes = plt.subplots(len(rows), ncol, figsize=(2.6 * ncol, height), squeeze=False)
+    for ax_row, (image_id, panels) in zip(axes, rows, strict=True):
+        for ax in ax_row:
+            ax.axis("off")
+        for ax, (title, im) in zip(ax_row, panels, strict=False):
+            ax.imshow(im, interpolation="nearest")
+            ax.set_title(f"{image_id}: {title}" if title == "image" else title, fontsize=8)
+    handles = [
+        Patch(facecolor=np.asarray(c) / 255, edgecolor="0.3", label=f"{i} {name}")
+        for i, (name, c) in enumerate(zip(manifest.classes, manifest.palette, strict=True))
+    ]
+    handles.append(
+        Patch(facecolor="white", edgecolor="0.3", hatch="xxx", label="255 ignored (grey checks)")
+    )
+    f.legend(
+        handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False
+    )
+    f.suptitle(
+        "worst first; ignored pixels (255: dropped by the filter, or not annotated) are "
+        "grey checks",
+        fontsize=9,
+    )
+    f.tight_layout(rect=(0, 0.6 / height, 1, 1 - 0.25 / height))
+    return f
+
+
+def write_evaluation_html(
+    out_dir: Path,
+    result: dict[str, Any],
+    manifest: Manifest,
+    cache_path: Path,
+    folders: list[Path],
+    gallery: int = 12,
+) -> Path:
+    """report.html of ``calibrate evaluate``: its tables, risk_coverage.png and a gallery of the
+    unlabeled images with a true label, worst first by the first folder's error of kept pixels,
+    with every folder's pseudo-label side by side."""
+    from annotate.cache import open_cache
+    from calibrate.evaluate import summary_tables as eval_tables
+
+    cache = open_cache(cache_path)
+    names = [f["name"] for f in result["folders"]]
+    ids = [r.id for r in manifest.split("unlabeled") if r.label is not None and r.id in cache]
+    errors = H.pseudo_errors(folders[0], manifest, H.sample(ids))
+    order = H.rank(sorted(errors), {}, errors)
+    entries = []
+    for image_id in order[:gallery]:
+        pseudo = [
+            (f"{name}", read_label_png(folder / f"{image_id}.png"))
+            for name, folder in zip(names, folders, strict=True)
+            if (folder / f"{image_id}.png").is_file()
+        ]
+        panels, truth = H.image_panels(manifest, cache, image_id, pseudo)
+        parts = []
+        for name, lab in pseudo:
+            k, wrong = H.kept_error(lab, truth) if truth is not None else (0, 0)
+            err = f"{100 * wrong / k:.1f} %" if k else "-"
+            parts.append(f"{name}: kept {100 * float(np.mean(lab != 255)):.1f} %, error {err}")
+        entries.append(H.Entry(image_id, "; ".join(parts), panels))
+    sampled = " (ranked among an even sample)" if len(ids) > H.RANK_LIMIT else ""
+    gallery_html = H.gallery_section(
+        f"{len(entries)} of {len(ids)} unlabeled images with a true label, worst first by the "
+        f"error of the kept pixels of {names[0]}{sampled}."
+        if entries
+        else "no unlabeled image has a true label: no gallery.",
+        manifest.classes,
+        manifest.palette,
+        entries,
+    )
+    plot = out_dir / "risk_coverage.png"
+    plot_html = f'<div class="plots"><img src="{H.file_uri(plot)}" alt="risk-coverage"></div>'
+    notes = "".join(f'<p class="note">note: {H.esc(n)}</p>' for n in result["notes"])
+    intro = (
+        '<p class="note">python -m calibrate evaluate: pseudo-label folders '
+        + ", ".join(H.esc(f["path"]) for f in result["folders"])
+        + f" against the true labels of manifest {H.esc(result['manifest']['path'])}. The "
+        "figures are in evaluation.json beside this file.</p>" + notes
+    )
+    return H.write_report(
+        out_dir / "report.html",
+        f"evaluation report: {', '.join(names)}",
+        intro,
+        eval_tables(result),
+        plot_html,
+        gallery_html,
+        plots_heading="Risk and coverage",
+    )

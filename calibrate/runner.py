@@ -1,8 +1,8 @@
 """Run map-reduce passes over images on a Dask scheduler, with a progress bar.
 
-A pass maps a module-level function over batches of images and merges the (small) results with
-:func:`merge` in a tree, so neither the driver nor the cluster holds one result per batch at
-once. Schedulers:
+A pass maps a module-level function over batches of images and merges the (small) results
+with :func:`calibrate.merge.merge` in a tree, so neither the driver nor the cluster holds one
+result per batch at once. Schedulers:
 "threads" (Dask's local threaded scheduler, the default), "synchronous" (one thread, for
 debugging), "processes" (a :class:`distributed.LocalCluster` started for the run) or an address
 ``tcp://HOST:PORT`` of a running Dask scheduler (dask-jobqueue, dask-kubernetes, ...).
@@ -11,54 +11,38 @@ debugging), "processes" (a :class:`distributed.LocalCluster` started for the run
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-
-from calibrate.quantile import Counts
+from calibrate.merge import merge_many
 from data_manifest.cli_support import progress, rate_text
 from data_manifest.errors import UserError
 
 _FAN_IN = 8
 
 
-def merge(a: Any, b: Any) -> Any:
-    """Combine two pass results: Counts and arrays add, ints add, lists concatenate, dicts merge
-    key by key (a key present on one side only is kept). ``None`` is the neutral element."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if isinstance(a, dict):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = merge(out.get(k), v)
-        return out
-    if isinstance(a, list):
-        return a + b
-    if isinstance(a, Counts | np.ndarray | int | float):
-        return a + b
-    raise TypeError(f"cannot merge {type(a).__name__}")
-
-
-def merge_many(*parts: Any) -> Any:
-    out = None
-    for p in parts:
-        out = merge(out, p)
-    return out
-
-
 class Runner:
-    """A scheduler for the run; use as a context manager (starts/stops a cluster if needed)."""
+    """A scheduler for the run; use as a context manager (starts/stops a cluster if needed).
 
-    def __init__(self, scheduler: str = "threads", workers: int = 0, show_progress: bool = True):
+    ``imports``: modules that hold the pass functions; a cluster's workers import them when
+    the runner starts (see :meth:`_warm`).
+    """
+
+    def __init__(
+        self,
+        scheduler: str = "threads",
+        workers: int = 0,
+        show_progress: bool = True,
+        imports: tuple[str, ...] = (),
+    ):
         self.scheduler = scheduler
         self.workers = workers or os.cpu_count() or 1
         self.show_progress = show_progress
+        self.imports = imports
         self.client: Any = None
         self._cluster: Any = None
 
@@ -93,7 +77,7 @@ class Runner:
         """Import the task code on every worker now: the first pass does not pay for it, and
         a worker without this project installed is reported before any work is sent."""
         try:
-            self.client.run(_import_tasks)
+            self.client.run(_import_modules, self.imports)
         except Exception as exc:  # whatever the worker raised, re-raised here
             self.__exit__()
             raise UserError(
@@ -208,8 +192,9 @@ class Runner:
         return ready[0].result()
 
 
-def _import_tasks() -> None:
-    import calibrate.tasks  # noqa: F401
+def _import_modules(names: tuple[str, ...]) -> None:
+    for name in names:
+        importlib.import_module(name)
 
 
 def _tree(items: list[Any], combine: Callable[[list[Any], int, int], Any]) -> Any:

@@ -1,7 +1,7 @@
 """The per-image work of each pass (module-level functions, so any Dask worker can run them).
 
 Every task gets a batch of :class:`Item` and a :class:`Ctx`, opens the cache itself, and returns
-a small, mergeable result (see :func:`calibrate.runner.merge`): count tables and integer sums.
+a small, mergeable result (see :func:`calibrate.merge.merge`): count tables and integer sums.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from calibrate import risk as R
 from calibrate import rules as RU
 from calibrate import sets as S
 from calibrate import topk as T
-from calibrate.runner import merge
+from calibrate.merge import merge
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_bytes, encode_label_png, read_label_png
 from data_manifest.manifest import IGNORE_INDEX, id_path, reduce_zero_label

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -12,6 +13,9 @@ from data_manifest import cli_support as cs
 from data_manifest.cli_support import handle_errors
 from data_manifest.errors import UserError
 from data_manifest.manifest import SPLITS, Manifest, check_manifest_file, load
+
+if TYPE_CHECKING:
+    from data_manifest.layouts import BuildReport
 
 app = cs.make_app(
     "data_manifest",
@@ -38,7 +42,11 @@ SplitsOpt = Annotated[
 ManifestArg = Annotated[Path, typer.Argument(help="A manifest.jsonl.", show_default=False)]
 
 
-def _finish(manifest: Manifest, root: Path, out: Path | None) -> None:
+def _finish(
+    manifest: Manifest, root: Path, out: Path | None, report: BuildReport | None = None
+) -> None:
+    """Save the manifest, then print what went where: images per split, what was left out and
+    why, where labels and classes came from, the background class; warnings on stderr."""
     from data_manifest.layouts import save_manifest
 
     out = out or root / "manifest.jsonl"
@@ -46,8 +54,56 @@ def _finish(manifest: Manifest, root: Path, out: Path | None) -> None:
     counts = ", ".join(f"{len(manifest.split(s))} {s}" for s in SPLITS)
     cs.console.print(
         f"wrote {out}: {len(manifest)} images ({counts}), "
-        f"{manifest.num_classes} classes, fingerprint {manifest.fingerprint[:12]}"
+        f"{manifest.num_classes} classes, fingerprint {manifest.fingerprint[:12]}",
+        highlight=False,
     )
+    if report is None:
+        return
+    rows = [[what, finding] for what, finding in report.facts]
+    rows.append(["splits made by", manifest.meta.splits_made_by])
+    for s in SPLITS:
+        split_rows = manifest.split(s)
+        with_label = sum(r.label is not None for r in split_rows)
+        text = f"{len(split_rows)} images ({with_label} with a label)"
+        if s == "val" and not split_rows:
+            text += ": `python -m data_manifest split --val N` draws some"
+        rows.append([s, text])
+    for n, why, first in report.left_out:
+        rows.append(["left out", f"{n}: {why} (first: {first})"])
+    if not report.left_out:
+        rows.append(["left out", "nothing"])
+    rows = [
+        [a, textwrap.fill(str(b), 72, break_long_words=False, break_on_hyphens=False)]
+        for a, b in rows
+    ]  # narrow in a log too
+    cs.console.print(cs.table("build", ["", "found"], rows))
+    for line in report.warnings:
+        cs.err_console.print(f"warning: {line}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _background_option(text: str | None) -> int | None:
+    """--background-index: None (by name), "none" (no background class) or a class index."""
+    from data_manifest.layouts import NO_BACKGROUND
+
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return NO_BACKGROUND
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(
+            f"--background-index = {text!r}; expected a class index or 'none'"
+        ) from None
+
+
+BackgroundOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Index of the background class, or 'none' [default: the class named "
+        "'background', if any]. Without one, calibrate's foreground preference is off."
+    ),
+]
 
 
 @build_app.command("voc")
@@ -57,7 +113,10 @@ def build_voc_cmd(
     out: OutOpt = None,
     classes: Annotated[
         Path | None,
-        typer.Option(help="Classes file ('name' or 'name r g b' per line) instead of VOC's 21."),
+        typer.Option(
+            help="Classes file ('name' or 'name r g b' per line) [default: <root>/classes.txt "
+            "if there is one, else VOC's 21]."
+        ),
     ] = None,
     sbd: Annotated[
         str | None,
@@ -76,10 +135,12 @@ def build_voc_cmd(
         typer.Option(help="Without --sbd/--splits: other JPEGImages become 'unlabeled'."),
     ] = True,
     dataset: Annotated[str, typer.Option(help="Dataset name stored in the manifest.")] = "voc",
+    background_index: BackgroundOpt = None,
 ) -> None:
     """PASCAL VOC 2012: JPEGImages/, SegmentationClass/ (palette PNGs), ImageSets/Segmentation/."""
-    from data_manifest.layouts import build_voc
+    from data_manifest.layouts import BuildReport, build_voc
 
+    report = BuildReport()
     m = build_voc(
         root,
         classes_file=classes,
@@ -89,8 +150,10 @@ def build_voc_cmd(
         val_list=val_list,
         unlabeled_rest=unlabeled_rest,
         dataset=dataset,
+        background_index=_background_option(background_index),
+        report=report,
     )
-    _finish(m, root, out)
+    _finish(m, root, out, report)
 
 
 @build_app.command("ade20k")
@@ -102,9 +165,10 @@ def build_ade_cmd(
     dataset: Annotated[str, typer.Option(help="Dataset name stored in the manifest.")] = "ade20k",
 ) -> None:
     """ADE20K (ADEChallengeData2016): images/, annotations/; 150 classes, reduce_zero_label."""
-    from data_manifest.layouts import build_ade20k
+    from data_manifest.layouts import BuildReport, build_ade20k
 
-    _finish(build_ade20k(root, splits=splits, dataset=dataset), root, out)
+    report = BuildReport()
+    _finish(build_ade20k(root, splits=splits, dataset=dataset, report=report), root, out, report)
 
 
 @build_app.command("cityscapes")
@@ -118,9 +182,11 @@ def build_cityscapes_cmd(
     ),
 ) -> None:
     """Cityscapes: leftImg8bit/ and gtFine/*_labelTrainIds.png (19 classes)."""
-    from data_manifest.layouts import build_cityscapes
+    from data_manifest.layouts import BuildReport, build_cityscapes
 
-    _finish(build_cityscapes(root, splits=splits, dataset=dataset), root, out)
+    report = BuildReport()
+    m = build_cityscapes(root, splits=splits, dataset=dataset, report=report)
+    _finish(m, root, out, report)
 
 
 @build_app.command("folder")
@@ -131,33 +197,50 @@ def build_folder_cmd(
     classes: Annotated[
         Path | None,
         typer.Option(
-            help="Classes file ('name' or 'name r g b' per line) [default: <root>/classes.txt]."
+            help="Classes file ('name' or 'name r g b' per line; a name once) "
+            "[default: <root>/classes.txt]."
         ),
     ] = None,
     images: Annotated[str, typer.Option(help="Image folder under the root.")] = "images",
-    labels: Annotated[str, typer.Option(help="Label folder under the root.")] = "labels",
+    labels: Annotated[
+        str, typer.Option(help="Label folder under the root (e.g. masks).")
+    ] = "labels",
+    label_suffix: Annotated[
+        str,
+        typer.Option(
+            help="Ending of label names before .png: with '_mask', images/a.jpg takes "
+            "labels/a_mask.png."
+        ),
+    ] = "",
     splits: SplitsOpt = None,
-    background_index: Annotated[
-        int | None,
-        typer.Option(help="Index of the background class [default: 0 if named 'background']."),
-    ] = None,
+    background_index: BackgroundOpt = None,
     dataset: Annotated[
         str | None, typer.Option(help="Dataset name [default: the root folder's name].")
     ] = None,
 ) -> None:
-    """Your own data: images/<id>.<ext>, labels/<id>.png (class indices), classes.txt."""
-    from data_manifest.layouts import build_folder
+    """Your own data: images/<name>.<ext> (jpg, jpeg, png, bmp, tif, tiff, webp; any case; in
+    sub-folders too), labels/<name>.png (class indices, 255 = ignore), classes.txt.
 
+    Without --splits, images with a label are labeled and the others unlabeled (draw val with
+    `split`); with --splits, the split files decide and images in none of them are left out.
+    The summary says what went to each split, what was left out and why, and which class is
+    the background.
+    """
+    from data_manifest.layouts import BuildReport, build_folder
+
+    report = BuildReport()
     m = build_folder(
         root,
         classes_file=classes,
         images=images,
         labels=labels,
+        label_suffix=label_suffix,
         splits=splits,
-        background_index=background_index,
+        background_index=_background_option(background_index),
         dataset=dataset,
+        report=report,
     )
-    _finish(m, root, out)
+    _finish(m, root, out, report)
 
 
 @app.command()
@@ -349,8 +432,11 @@ def split(
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same split.")] = 0,
 ) -> None:
     """Draw labeled/unlabeled/val splits deterministically (images without labels: unlabeled)."""
+    from data_manifest.config import check_seed
     from data_manifest.layouts import save_manifest
     from data_manifest.splits import make_splits, parse_amount
+
+    check_seed(seed, "--seed")
 
     cs.check_not_same_file(
         out,
@@ -396,7 +482,11 @@ def prepare(
     cfg = load_config(config)
     dc = data_config(cfg, manifest)
     rdir = run_dir(cfg, run_dir_opt)
+    from data_manifest.ownership import check_claim, claim, holding
+
     out_dir = cs.check_output_dir(rdir / "data", "--run-dir")
+    ours = holding("config.toml", "summary.json")
+    check_claim(out_dir, "data_manifest prepare", "--run-dir", ours)
     t0 = time.perf_counter()
     path = resolve_manifest(cfg, manifest, quiet=False)
     cs.console.print(f"manifest {path} ready in {time.perf_counter() - t0:.1f} s")
@@ -405,6 +495,7 @@ def prepare(
         "seed": cfg.get("seed", 0),
         "data": {**section_dict(dc), "manifest": str(path)},
     }
+    claim(out_dir, "data_manifest prepare", "--run-dir", ours)
     write_resolved(out_dir / "config.toml", resolved)
     print_summary(load(path), pixels=pixels, json_out=out_dir / "summary.json")
 
@@ -443,6 +534,7 @@ def demo(
         key, _, rest = str(exc).partition(" = ")
         raise UserError(f"--{key.removeprefix('demo_').replace('_', '-')} = {rest}") from None
     cs.check_output_dir(root, "--out")
+    demo_mod.check_root(root, "--out")
     t0 = time.perf_counter()
     with cs.progress() as bar:
         task = bar.add_task("demo images", total=demo_mod.total_images(params), rate="")
@@ -452,7 +544,7 @@ def demo(
             done = bar.tasks[task].completed
             bar.update(task, rate=cs.rate_text(done, time.perf_counter() - t0, "img"))
 
-        path = demo_mod.generate(root, params, force=force, tick=tick)
+        path = demo_mod.generate(root, params, force=force, tick=tick, option="--out")
     cs.console.print(
         f"demo ready in {time.perf_counter() - t0:.1f} s: {root / 'source'} "
         f"(annotator training), {path} (target)"

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from copy import copy
 from pathlib import Path
@@ -50,6 +51,7 @@ from typer.core import TyperGroup
 from typer.models import ParameterInfo
 
 from data_manifest.errors import UserError
+from data_manifest.io import check_utf8_path
 
 console = Console()
 err_console = Console(stderr=True)
@@ -339,8 +341,10 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     out``) for the message.
 
     Raises:
-        UserError: ``path`` (or a parent) is a file, or is not writable by this user.
+        UserError: ``path`` (or a parent) is a file, is not writable by this user, or its name
+            is not UTF-8.
     """
+    check_utf8_path(path, option)
     path = Path(path)
     probe = path
     while not probe.exists() and probe != probe.parent:
@@ -368,11 +372,22 @@ def check_not_same_file(a: str | os.PathLike, b: str | os.PathLike, message: str
 
 
 # -- checkpoints -------------------------------------------------------------------------------
+# torch.save's legacy (non-zip) format starts with this number, pickled (protocol 2)
+_TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _clip(text: str, n: int = 80) -> str:
+    """``text`` shortened to at most about ``n`` characters at a word boundary."""
+    if len(text) <= n:
+        return text
+    return text[:n].rsplit(" ", 1)[0].rstrip(" ,;:.(") + " ..."
+
+
 def _torch_load_reason(exc: Exception, path: Path) -> str:
     """Why torch.load failed, in our words (never torch's advice to drop weights_only)."""
     text = str(exc)
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(len(_TORCH_LEGACY_MAGIC))
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found or "Unsupported global" in text:
         what = f" ({found.group(1)})" if found else ""
@@ -385,7 +400,9 @@ def _torch_load_reason(exc: Exception, path: Path) -> str:
         return "the file ends too early (truncated)"
     if "CUDA" in text:
         return "it was saved on a CUDA device, and none is available here"
-    return f"not a PyTorch file of tensors ({type(exc).__name__}: {_first_line(exc)[:80]})"
+    if not head.startswith(_TORCH_LEGACY_MAGIC):
+        return "it is a plain pickle (pickle.dump), not torch.save's format"
+    return f"not a PyTorch file of tensors ({type(exc).__name__}: {_clip(_first_line(exc))})"
 
 
 def load_torch_file(
@@ -407,7 +424,9 @@ def load_torch_file(
     if path.stat().st_size == 0:
         raise UserError(f"{path}: {what} file is empty; expected a file written by torch.save")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except OSError:
         raise
     except Exception as exc:  # pickle, zip and weights-only failures have unrelated types

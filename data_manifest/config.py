@@ -18,6 +18,7 @@ expected. Command-line options override the file (pass them as ``overrides``; ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -28,11 +29,42 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from data_manifest.errors import UserError
-from data_manifest.io import atomic_write_text
+from data_manifest.io import atomic_write_text, not_found
 
 T = TypeVar("T")
 TOP_LEVEL = {"run_dir": str, "seed": int}
 SECTIONS = ("data", "annotate", "calibrate", "train")
+SEED_MAX = 2**32 - 1  # numpy's legacy RandomState and most upstream code take 32-bit seeds
+
+
+def check_seed(value: int, where: str) -> int:
+    """Return ``value`` if it is a seed every stage accepts, 0 <= seed <= 2**32 - 1.
+
+    Raises:
+        UserError: ``"<where> = <value>: expected an integer in [0, 4294967295]"``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise UserError(f"{where} = {value!r}: expected an integer in [0, {SEED_MAX}]")
+    return value
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file (a leading byte-order mark, as some Windows editors write, dropped).
+
+    Raises:
+        UserError: missing, a folder, or not UTF-8 text.
+    """
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a {what} file")
+    if not path.is_file():
+        raise UserError(f"{path}: {what} {not_found(path)}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"{path}: byte {exc.start} is not UTF-8 text; expected a {what} file in UTF-8"
+        ) from None
 
 
 def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
@@ -44,10 +76,8 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
     try:
-        cfg = tomllib.loads(path.read_text(encoding="utf-8"))
+        cfg = tomllib.loads(read_text_file(path, "config"))
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"{path}: invalid TOML ({exc})") from None
     for key, value in cfg.items():
@@ -57,6 +87,8 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
         elif key in TOP_LEVEL:
             if not isinstance(value, TOP_LEVEL[key]) or isinstance(value, bool):
                 raise UserError(f"{path}: {key} = {value!r}; expected {TOP_LEVEL[key].__name__}")
+            if key == "seed":
+                check_seed(value, f"{path}: seed")
         else:
             raise UserError(
                 f"{path}: unknown key {key!r}; expected {', '.join(TOP_LEVEL)} or a "
@@ -64,6 +96,17 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
             )
     cfg["_source"] = str(path)
     return cfg
+
+
+def _finite(value: Any) -> bool:
+    """False when ``value`` is nan or inf, or a list or table holding one."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def run_dir(cfg: dict[str, Any], override: str | None = None) -> Path:
@@ -163,7 +206,8 @@ def parse_section(
     """Build the dataclass ``cls`` from ``cfg[section]`` with ``overrides`` applied.
 
     Lists become tuples when the field is annotated as a tuple. The dataclass's
-    ``__post_init__`` may raise ``ValueError("key = value: expected ...")`` for range checks.
+    ``__post_init__`` may raise ``ValueError("key = value: expected ...")`` for range checks;
+    nan and inf are refused here, before it runs.
     A message about a value from the file names the file and section; one about an override
     (a command-line value; ``None`` = not given) names the option: ``options[key]``, else
     ``--key-with-dashes``.
@@ -190,6 +234,9 @@ def parse_section(
         if not _type_ok(value, hints[key]):
             message = f"{key} = {value!r}; expected {_describe(hints[key])}"
             raise UserError(locate(message, cfg, section, given, options))
+        if not _finite(value):  # nan passes every range check (all comparisons are false)
+            message = f"{key} = {value!r}: expected finite numbers (no nan or inf)"
+            raise UserError(locate(message, cfg, section, given, options))
         if typing.get_origin(hints[key]) is tuple and isinstance(value, list):
             raw[key] = tuple(value)
     try:
@@ -209,6 +256,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, int | float):
         return repr(v)
     if isinstance(v, str):
+        # a path whose name is not UTF-8 (surrogate escapes) is recorded as printable text
+        v = v.encode("utf-8", "backslashreplace").decode("utf-8")
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"

@@ -83,6 +83,8 @@ _OBJECTS: dict[str, tuple[str, tuple[float, float, float] | None, float]] = {
 }
 MARKER = "demo.json"
 SPLIT_NAME = "demo"
+MAX_IMAGES = 100_000  # per count: a demo larger than this would only fill the disk
+OWNER = "data_manifest demo"
 
 
 @dataclass(frozen=True)
@@ -100,16 +102,24 @@ class DemoParams:
     version: int = 1
 
     def __post_init__(self) -> None:
+        from data_manifest.config import SEED_MAX
+
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"demo_seed = {self.seed}: expected an integer in [0, {SEED_MAX}]")
         if not 0.0 <= self.gap <= 1.0:
             raise ValueError(f"demo_gap = {self.gap}: expected a number in [0, 1]")
         if not 32 <= self.size <= 1024:
             raise ValueError(f"demo_size = {self.size}: expected an integer in [32, 1024]")
         for name in ("source_labeled", "target_labeled"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"demo_{name} = {getattr(self, name)}: expected at least 1")
+            if not 1 <= getattr(self, name) <= MAX_IMAGES:
+                raise ValueError(
+                    f"demo_{name} = {getattr(self, name)}: expected an integer in [1, {MAX_IMAGES}]"
+                )
         for name in ("source_val", "target_unlabeled", "target_val"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"demo_{name} = {getattr(self, name)}: expected at least 0")
+            if not 0 <= getattr(self, name) <= MAX_IMAGES:
+                raise ValueError(
+                    f"demo_{name} = {getattr(self, name)}: expected an integer in [0, {MAX_IMAGES}]"
+                )
 
 
 @dataclass(frozen=True)
@@ -414,43 +424,65 @@ def is_generated(root: str | os.PathLike, params: DemoParams) -> bool:
     )
 
 
+def check_root(root: str | os.PathLike, option: str = "[data] demo_root") -> None:
+    """Refuse a ``root`` the demo may not write into: one that holds anything but a demo
+    (a user's dataset in ``root/target`` must never be overwritten)."""
+    from data_manifest.ownership import check_claim
+
+    check_claim(root, OWNER, option, legacy=lambda p: (p / MARKER).is_file())
+
+
 def generate(
     root: str | os.PathLike,
     params: DemoParams = DemoParams(),
     force: bool = False,
     tick: Callable[[], None] | None = None,
+    option: str = "[data] demo_root",
 ) -> Path:
     """Write the demo dataset under ``root`` (``source/``, ``target/``, ``demo.json``).
 
     A complete demo with the same parameters is left alone unless ``force``. ``tick`` is
-    called once per image written (for a progress bar).
+    called once per image written (for a progress bar). ``root`` must be absent, empty or
+    a demo's (:func:`check_root`, ``option`` names it in the message); one process at a time
+    writes it.
 
     Returns:
         The target manifest path, ``root/target/manifest.jsonl``.
     """
+    from data_manifest.ownership import claim, writer_lock
+
     root = Path(root)
-    if force or not is_generated(root, params):
-        (root / MARKER).unlink(missing_ok=True)
-        _write_domain(
-            root / "source",
-            params,
-            False,
-            {"labeled": params.source_labeled, "val": params.source_val},
-            tick,
-        )
-        _write_domain(
-            root / "target",
-            params,
-            True,
-            {
-                "labeled": params.target_labeled,
-                "unlabeled": params.target_unlabeled,
-                "val": params.target_val,
-            },
-            tick,
-        )
-        atomic_write_json(root / MARKER, asdict(params))
+    if not force and is_generated(root, params):
+        return root / "target" / "manifest.jsonl"
+    check_root(root, option)
+    with writer_lock(root):
+        claim(root, OWNER, option, legacy=lambda p: (p / MARKER).is_file())
+        if force or not is_generated(root, params):
+            _generate(root, params, tick)
     return root / "target" / "manifest.jsonl"
+
+
+def _generate(root: Path, params: DemoParams, tick: Callable[[], None] | None) -> None:
+    (root / MARKER).unlink(missing_ok=True)
+    _write_domain(
+        root / "source",
+        params,
+        False,
+        {"labeled": params.source_labeled, "val": params.source_val},
+        tick,
+    )
+    _write_domain(
+        root / "target",
+        params,
+        True,
+        {
+            "labeled": params.target_labeled,
+            "unlabeled": params.target_unlabeled,
+            "val": params.target_val,
+        },
+        tick,
+    )
+    atomic_write_json(root / MARKER, asdict(params))
 
 
 def total_images(params: DemoParams) -> int:

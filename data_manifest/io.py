@@ -47,6 +47,27 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+def printable_path(path: str | os.PathLike) -> str:
+    """``path`` as text that can always be printed (bytes that are not UTF-8 as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_path(path: str | os.PathLike, what: str) -> None:
+    """Refuse a path whose name is not UTF-8: every stage records its paths in TOML and JSON
+    files, which hold text only.
+
+    Raises:
+        UserError: ``"<what> = <path>: the name is not valid UTF-8; expected ..."``.
+    """
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(
+            f"{what} = {printable_path(path)}: the name is not valid UTF-8; expected a path "
+            "in UTF-8 (the run's configs and reports record it as text)"
+        ) from None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path, suffix="") as tmp:
@@ -63,6 +84,13 @@ def atomic_write_json(path: str | os.PathLike, obj: object) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def not_found(path: Path) -> str:
+    """Why ``path`` is not a file: ``"file not found"``, or a link to nothing."""
+    if path.is_symlink():
+        return "file is a symbolic link to nothing (a loop, or its target is gone)"
+    return "file not found"
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as RGB.
 
@@ -73,7 +101,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: image file not found")
+        raise UserError(f"{path}: image {not_found(path)}")
     buf = np.fromfile(path, dtype=np.uint8)
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
@@ -89,28 +117,54 @@ def _jpeg_complete(buf: np.ndarray) -> bool:
     return tail.endswith(b"\xff\xd9")
 
 
+# Lossless formats a label may be stored in; a lossy one (JPEG, WebP, JPEG 2000) changes class
+# values where classes meet, so its "labels" are not the annotation
+LOSSLESS_LABEL_FORMATS = ("PNG", "BMP", "TIFF", "GIF", "PPM")
+
+
+def label_format_problem(im: Image.Image) -> str:
+    """Why an opened (not yet decoded) label image cannot hold class indices ("" when it can):
+    a lossy file format, or a mode other than palette ("P") or 8-bit greyscale ("L")."""
+    fmt = im.format or "unknown"
+    lossy = fmt not in LOSSLESS_LABEL_FORMATS or (
+        fmt == "TIFF" and "jpeg" in str(im.info.get("compression", "")).lower()
+    )
+    if lossy:
+        return (
+            f"label is a {fmt} file, a lossy format that changes class values where classes "
+            "meet; expected a lossless PNG of class indices (convert the original annotation, "
+            "not this file)"
+        )
+    if im.mode not in ("P", "L"):
+        return (
+            f"label image has mode {im.mode!r}; expected a palette ('P') or 8-bit greyscale "
+            "('L') PNG of class indices"
+        )
+    return ""
+
+
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
     """Read a label PNG as class indices, never through colour conversion.
 
     Palette ("P") images give their palette indices (VOC, our pseudo-labels); greyscale ("L")
-    images give their values (ADE20K, Cityscapes labelTrainIds).
+    images give their values (ADE20K, Cityscapes labelTrainIds). Lossy formats (JPEG, WebP)
+    are refused, whatever the file's name (see :func:`label_format_problem`).
 
     Returns:
         uint8 array of shape (H, W).
     Raises:
-        UserError: missing, unreadable, truncated, or not a palette/greyscale 8-bit image.
+        UserError: missing, unreadable, truncated, lossy, or not a palette/greyscale 8-bit
+            image.
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: label file not found")
+        raise UserError(f"{path}: label {not_found(path)}")
     try:
         with Image.open(path) as im:
+            problem = label_format_problem(im)
+            if problem:
+                raise UserError(f"{path}: {problem}")
             im.load()
-            if im.mode not in ("P", "L"):
-                raise UserError(
-                    f"{path}: label image has mode {im.mode!r}; expected a palette ('P') or "
-                    "8-bit greyscale ('L') PNG of class indices"
-                )
             return np.asarray(im, dtype=np.uint8).copy()
     except UserError:
         raise

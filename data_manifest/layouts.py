@@ -13,24 +13,76 @@ layout          expected under the root
 ``ade20k``      ``images/{training,validation}/*.jpg``, ``annotations/{training,validation}/*.png``
 ``cityscapes``  ``leftImg8bit/{train,val}/<city>/*_leftImg8bit.png``,
                 ``gtFine/{train,val}/<city>/*_gtFine_labelTrainIds.png``
-``folder``      ``images/**/<id>.{jpg,png}``, ``labels/**/<id>.png``, ``classes.txt``
+``folder``      ``images/**/<name>.<ext>``, ``labels/**/<name>.png``, ``classes.txt``
 ==============  ===========================================================================
+
+Image sizes are read from the file headers with the EXIF orientation applied, as the readers
+(OpenCV) apply it when they decode. Labels must be in a lossless format (PNG); a builder refuses
+a lossy one. What a builder finds besides the rows (where the classes came from, which class is
+background, files it left out and why) goes into a :class:`BuildReport` for the command's
+summary.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
 from data_manifest.errors import UserError
-from data_manifest.manifest import Manifest, Meta, Row, check_id
-from data_manifest.splits import SplitEntry, read_unimatch, sort_rows
+from data_manifest.io import label_format_problem
+from data_manifest.manifest import SPLITS, Manifest, Meta, Row, check_id
+from data_manifest.splits import UNIMATCH_FILES, SplitEntry, read_unimatch, sort_rows
 
+#: image file suffixes the builders pick up (any case); OpenCV decodes each of them
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: class names taken as the background class without being asked (any case)
+BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
+#: what a dataset without a background class goes without (short, then why it matters)
+NO_BACKGROUND_EFFECT = "calibrate's foreground preference is off"
+NO_BACKGROUND_WHY = (
+    "where a prediction set holds the background and a foreground class, CP labels the pixel "
+    "with the foreground class; on the demo that rule gives most of CP's gain"
+)
+_EXIF_ORIENTATION = 0x0112
+
+
+@dataclass
+class BuildReport:
+    """What a builder found besides the rows, for the command's summary.
+
+    Attributes:
+        facts: (what, finding) lines: where images, labels, classes and splits came from,
+            which class is background.
+        left_out: (count, why, first example) for every kind of file found but not taken.
+        warnings: one line each for what the user most likely wants to change (files left
+            out, no background class, a missing val list).
+    """
+
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    left_out: list[tuple[int, str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def fact(self, what: str, finding: str) -> None:
+        self.facts.append((what, finding))
+
+    def leave_out(self, paths: list[str], why: str, warn: bool = True) -> None:
+        """Record files left out for one reason (nothing when ``paths`` is empty)."""
+        if not paths:
+            return
+        paths = sorted(paths)
+        self.left_out.append((len(paths), why, paths[0]))
+        if warn:
+            n = len(paths)
+            self.warnings.append(
+                f"{n} file{'s' if n > 1 else ''} left out: {why} (first: {paths[0]})"
+            )
+
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -92,8 +144,8 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], list[list[int
     Returns:
         (names, palette) with palette None when no line gives a colour.
     Raises:
-        UserError: missing file, no classes, a bad colour, or some lines with colours and
-            some without.
+        UserError: missing file, no classes, a name given twice, a bad colour, or some lines
+            with colours and some without.
     """
     path = Path(path)
     if not path.is_file():
@@ -110,7 +162,13 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], list[list[int
             if any(v > 255 for v in rgb):
                 raise UserError(f"{path}:{lineno}: colour {rgb}; expected r g b in 0-255")
             parts = parts[:-3]
-        names.append(" ".join(parts))
+        name = " ".join(parts)
+        if name in names:
+            raise UserError(
+                f"{path}:{lineno}: class name {name!r} is also on an earlier line; expected "
+                "each class once (a class's index is its line among the names)"
+            )
+        names.append(name)
         colours.append(rgb)
     if not names:
         raise UserError(f"{path}: no class names; expected one class name per line")
@@ -125,15 +183,34 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], list[list[int
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(height, width) from the image header, without decoding the pixels."""
+    """(height, width) of the image as the readers decode it, from the file header.
+
+    OpenCV's decoder (:func:`data_manifest.io.read_image`) applies the EXIF orientation
+    (JPEG, PNG, WebP, TIFF), so an image whose tag says "rotated by 90°" (orientations 5-8)
+    has its header's width and height swapped.
+    """
     if not path.is_file():
         raise UserError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
             w, h = im.size
+            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception as exc:  # Pillow raises several unrelated types for broken files
         raise UserError(f"{path}: cannot read image header ({exc})") from None
-    return h, w
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def check_label_format(path: Path) -> None:
+    """Refuse a label file in a lossy format or a mode other than P/L (header only)."""
+    if not path.is_file():
+        return  # a missing label is reported where it matters (split, row)
+    try:
+        with Image.open(path) as im:
+            problem = label_format_problem(im)
+    except Exception as exc:  # Pillow raises several unrelated types for broken files
+        raise UserError(f"{path}: cannot read label header ({exc})") from None
+    if problem:
+        raise UserError(f"{path}: {problem}")
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -148,7 +225,7 @@ def _make_rows(
     """Rows from (id, image_rel, label_rel or None, split), image sizes read in parallel.
 
     A label path whose file is missing is an error for labeled/val rows and dropped (None)
-    for unlabeled rows.
+    for unlabeled rows; a label in a lossy format is an error.
     """
     entries = list(entries)
     seen: dict[str, str] = {}
@@ -172,6 +249,8 @@ def _make_rows(
         checked.append((image_id, image, label, split))
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         sizes = list(pool.map(lambda e: image_size(root / e[1]), checked))
+        labels = [root / e[2] for e in checked if e[2] is not None]
+        list(pool.map(check_label_format, labels))
     return [
         Row(id=i, image=im, label=lb, split=s, height=h, width=w)
         for (i, im, lb, s), (h, w) in zip(checked, sizes, strict=True)
@@ -179,7 +258,10 @@ def _make_rows(
 
 
 def _from_split_files(
-    root: Path, split_dir: str | os.PathLike, id_of: Callable[[str], str]
+    root: Path,
+    split_dir: str | os.PathLike,
+    id_of: Callable[[str], str],
+    report: BuildReport | None = None,
 ) -> list[tuple[str, str, str | None, str]]:
     found = read_unimatch(split_dir)
     out = []
@@ -187,6 +269,16 @@ def _from_split_files(
         for e in entries:
             _require_label(e, split)
             out.append((id_of(e.image), e.image, e.label, split))
+    if report is not None:
+        files = ", ".join(f"{UNIMATCH_FILES[s]} {len(found[s])}" for s in SPLITS if s in found)
+        report.fact("split files", f"{split_dir}: {files or 'all empty'}")
+        if "val" not in found:
+            report.warnings.append(
+                f"no val.txt in {split_dir} or its parent: 0 val images; expected val.txt "
+                "(lines 'image_rel label_rel') there to measure on a val split"
+            )
+        if "unlabeled" not in found:
+            report.fact("unlabeled", f"no unlabeled.txt in {split_dir}: 0 unlabeled images")
     return out
 
 
@@ -242,6 +334,71 @@ def _meta(
     )
 
 
+NO_BACKGROUND = -1  # background_index: the dataset has no background class (asked for)
+
+
+def resolve_background(
+    classes: list[str], background_index: int | None, report: BuildReport
+) -> int | None:
+    """The background class: ``background_index`` when given (:data:`NO_BACKGROUND`: none),
+    else the one class named like background (:data:`BACKGROUND_NAMES`), else None.
+
+    Records the finding in ``report``; without a background class found by name, also a
+    warning naming class 0 and what the missing background switches off.
+
+    Raises:
+        UserError: an index outside the classes, or several classes named like background.
+    """
+    k = len(classes)
+    if background_index == NO_BACKGROUND:
+        report.fact("background", f"none (as asked): {NO_BACKGROUND_EFFECT}")
+        return None
+    if background_index is not None:
+        if not 0 <= background_index < k:
+            raise UserError(
+                f"background_index = {background_index}; expected a class index in "
+                f"[0, {k - 1}], or none"
+            )
+        report.fact("background", f"class {background_index} {classes[background_index]!r}")
+        return background_index
+    hits = [i for i, c in enumerate(classes) if c.lower() in BACKGROUND_NAMES]
+    if len(hits) > 1:
+        raise UserError(
+            f"classes {', '.join(repr(classes[i]) for i in hits)} are all named like the "
+            "background; expected one (name it with --background-index)"
+        )
+    if hits:
+        i = hits[0]
+        report.fact("background", f"class {i} {classes[i]!r} (by its name)")
+        return i
+    report.fact("background", f"none (no class is named 'background'): {NO_BACKGROUND_EFFECT}")
+    report.warnings.append(
+        f"no background class: no class is named 'background' (class 0 is {classes[0]!r}), so "
+        f"{NO_BACKGROUND_EFFECT} ({NO_BACKGROUND_WHY}); if {classes[0]!r} is the background, "
+        "rebuild with --background-index 0 (--background-index none keeps this choice without "
+        "this warning)"
+    )
+    return None
+
+
+def _classes(
+    root: Path,
+    classes_file: str | os.PathLike | None,
+    default: list[str] | None,
+    report: BuildReport,
+) -> tuple[list[str], list[list[int]]]:
+    """Class names and palette: ``classes_file``, else ``<root>/classes.txt`` when it exists,
+    else ``default`` (VOC's 21); palette from the file or VOC's colour map."""
+    path = Path(classes_file) if classes_file is not None else root / "classes.txt"
+    if classes_file is None and default is not None and not path.is_file():
+        report.fact("classes", f"{len(default)} (VOC's; no classes.txt in the root)")
+        return list(default), voc_colormap(len(default))
+    classes, palette = read_classes_file(path)
+    colours = "its colours" if palette else "VOC's colour map"
+    report.fact("classes", f"{len(classes)} from {path} ({colours})")
+    return classes, palette or voc_colormap(len(classes))
+
+
 def build_voc(
     root: str | os.PathLike,
     *,
@@ -252,12 +409,15 @@ def build_voc(
     val_list: str = "val",
     unlabeled_rest: bool = True,
     dataset: str = "voc",
+    background_index: int | None = None,
+    report: BuildReport | None = None,
 ) -> Manifest:
     """PASCAL VOC 2012 layout (also the layout of the embedded demo).
 
     Args:
         root: the ``VOC2012`` folder (``JPEGImages/``, ``SegmentationClass/``, ``ImageSets/``).
-        classes_file: a classes file (see :func:`read_classes_file`) instead of VOC's 21.
+        classes_file: a classes file (see :func:`read_classes_file`) instead of VOC's 21;
+            default ``<root>/classes.txt`` when the folder has one.
         sbd: folder (relative to ``root``) of the SBD augmented labels, e.g.
             ``SegmentationClassAug``: labels are taken from it, and its images outside the
             labeled and val lists become the unlabeled split.
@@ -267,14 +427,13 @@ def build_voc(
             labeled and val splits when ``splits`` is not given.
         unlabeled_rest: without ``sbd`` and ``splits``, every other image in ``JPEGImages/``
             becomes unlabeled.
+        background_index: see :func:`resolve_background` (default: by name).
+        report: filled with what was found (see :class:`BuildReport`).
     """
+    report = report if report is not None else BuildReport()
     root = _check_root(root, "PASCAL VOC", "JPEGImages")
-    if classes_file is not None:
-        classes, palette = read_classes_file(classes_file)
-        palette = palette or voc_colormap(len(classes))
-    else:
-        classes, palette = list(VOC_CLASSES), voc_colormap(len(VOC_CLASSES))
-    background = 0 if classes[0].lower() in ("background", "_background_") else None
+    classes, palette = _classes(root, classes_file, VOC_CLASSES, report)
+    background = resolve_background(classes, background_index, report)
     label_dir = "SegmentationClass"
     if sbd is not None:
         label_dir = PurePosixPath(sbd).as_posix().strip("/")
@@ -284,7 +443,7 @@ def build_voc(
                 "of augmented label PNGs such as SegmentationClassAug"
             )
     if splits is not None:
-        entries = _from_split_files(root, splits, lambda p: PurePosixPath(p).stem)
+        entries = _from_split_files(root, splits, lambda p: PurePosixPath(p).stem, report)
         if sbd is not None:  # UniMatch's files name SegmentationClass/, where it keeps SBD labels
             entries = [
                 (i, im, None if lb is None else _swap_top(lb, "SegmentationClass", label_dir), s)
@@ -312,22 +471,37 @@ def build_voc(
             )
             entries += [(i, f"JPEGImages/{i}.jpg", None, "unlabeled") for i in extra]
             made_by += ", rest of JPEGImages/ unlabeled"
+            report.leave_out(
+                [
+                    _rel(p, root)
+                    for p in (root / "JPEGImages").iterdir()
+                    if p.is_file() and p.suffix != ".jpg" and not p.name.startswith(".")
+                ],
+                "not named <id>.jpg in JPEGImages/ (VOC's layout)",
+            )
     rows = _make_rows(root, entries)
     meta = _meta(root, dataset, classes, palette, made_by, background_index=background)
     return Manifest(meta=meta, rows=sort_rows(rows))
 
 
 def build_ade20k(
-    root: str | os.PathLike, *, splits: str | os.PathLike | None = None, dataset: str = "ade20k"
+    root: str | os.PathLike,
+    *,
+    splits: str | os.PathLike | None = None,
+    dataset: str = "ade20k",
+    report: BuildReport | None = None,
 ) -> Manifest:
     """ADE20K scene parsing (``ADEChallengeData2016``): 150 classes, ``reduce_zero_label``.
 
     Label value 0 ("other") is ignored and v becomes class v - 1 when labels are read.
     Without ``splits``, ``training`` images are labeled and ``validation`` images are val.
     """
+    report = report if report is not None else BuildReport()
     root = _check_root(root, "ADE20K (ADEChallengeData2016)", "images")
+    report.fact("classes", "150 (ADE20K's; label 0 'other' is ignored)")
+    report.fact("background", f"none (ADE20K has no background class): {NO_BACKGROUND_EFFECT}")
     if splits is not None:
-        entries = _from_split_files(root, splits, lambda p: PurePosixPath(p).stem)
+        entries = _from_split_files(root, splits, lambda p: PurePosixPath(p).stem, report)
         made_by = _split_label(splits)
     else:
         entries = []
@@ -351,15 +525,19 @@ def build_cityscapes(
     *,
     splits: str | os.PathLike | None = None,
     dataset: str = "cityscapes",
+    report: BuildReport | None = None,
 ) -> Manifest:
     """Cityscapes fine annotations as ``labelTrainIds`` (19 classes, 255 = ignore).
 
     The ``*_gtFine_labelTrainIds.png`` files are made by cityscapesScripts'
     ``createTrainIdLabelImgs``. Without ``splits``, ``train`` is labeled and ``val`` is val.
     """
+    report = report if report is not None else BuildReport()
     root = _check_root(root, "Cityscapes", "leftImg8bit")
+    report.fact("classes", "19 (Cityscapes' trainIds)")
+    report.fact("background", f"none (Cityscapes has no background class): {NO_BACKGROUND_EFFECT}")
     if splits is not None:
-        entries = _from_split_files(root, splits, _cityscapes_id)
+        entries = _from_split_files(root, splits, _cityscapes_id, report)
         made_by = _split_label(splits)
     else:
         entries = []
@@ -381,37 +559,97 @@ def build_cityscapes(
     return Manifest(meta=meta, rows=sort_rows(rows))
 
 
+def _scan_images(img_root: Path, root: Path, report: BuildReport) -> list[Path]:
+    """Image files under ``img_root`` (sorted); other files are recorded as left out."""
+    images, hidden, other = [], [], []
+    for p in sorted(img_root.rglob("*")):
+        if not p.is_file():
+            continue
+        if any(part.startswith(".") for part in p.relative_to(img_root).parts):
+            hidden.append(_rel(p, root))
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(p)
+        else:
+            other.append(_rel(p, root))
+    report.leave_out(hidden, "hidden (a name starting with '.')", warn=False)
+    suffixes = ", ".join(sorted({PurePosixPath(o).suffix or "no suffix" for o in other}))
+    report.leave_out(other, f"not an image ({suffixes}; images end in {', '.join(IMAGE_SUFFIXES)})")
+    counts = Counter(p.suffix.lower() for p in images)
+    report.fact(
+        "images",
+        f"{len(images)} under {_rel(img_root, root)}/ ("
+        + ", ".join(f"{n} {sfx}" for sfx, n in sorted(counts.items()))
+        + ")",
+    )
+    return images
+
+
+def _label_suffix_hint(unmatched: list[str], names: set[str], labels: str) -> str:
+    """`` (--label-suffix _mask matches N of them)`` when the unmatched label files are the
+    images' names plus a common ending; "" otherwise."""
+    endings: Counter[str] = Counter()
+    for rel in unmatched:
+        name = PurePosixPath(rel).relative_to(labels).with_suffix("").as_posix()
+        for cut in range(len(name) - 1, 0, -1):
+            if name[:cut] in names:
+                endings[name[cut:]] += 1
+                break
+    if not endings:
+        return ""
+    ending, n = endings.most_common(1)[0]
+    return f" (--label-suffix {ending} matches {n} of them to images)"
+
+
+def _other_label_folders(root: Path, images: str, labels: str) -> str:
+    """`` (masks/ holds 124 PNG files)``: folders under the root that look like label folders."""
+    hints = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or d.name in (images, labels):
+            continue
+        n = sum(1 for _ in d.rglob("*.png"))
+        if n:
+            hints.append(f"{d.name}/ holds {n} PNG files: --labels {d.name}?")
+    return f" ({'; '.join(hints[:3])})" if hints else ""
+
+
 def build_folder(
     root: str | os.PathLike,
     *,
     classes_file: str | os.PathLike | None = None,
     images: str = "images",
     labels: str = "labels",
+    label_suffix: str = "",
     splits: str | os.PathLike | None = None,
     background_index: int | None = None,
     dataset: str | None = None,
+    report: BuildReport | None = None,
 ) -> Manifest:
     """The user's own data: ``images/`` and ``labels/`` with matching relative names.
 
-    ``labels/<name>.png`` holds class indices (palette or greyscale PNG, 255 = ignore) for
-    ``images/<name>.<ext>``; names may contain sub-folders, whose parts the id joins with
-    ``__`` (``images/city/a.jpg`` has id ``city__a``), since an id is a plain file name.
-    Hidden files and folders (names starting with ".") are skipped. Images with a label file
-    are labeled, the others unlabeled; use ``python -m data_manifest split`` to draw
-    labeled/val splits, or pass UniMatch ``splits``. ``background_index`` defaults to 0 when
-    class 0 is named "background".
+    ``labels/<name><label_suffix>.png`` holds class indices (palette or greyscale PNG, 255 =
+    ignore) for ``images/<name>.<ext>`` (``ext`` one of :data:`IMAGE_SUFFIXES`, any case);
+    names may contain sub-folders, whose parts the id joins with ``__`` (``images/city/a.jpg``
+    has id ``city__a``), since an id is a plain file name. Hidden files and folders (names
+    starting with ".") are skipped. Images with a label file are labeled, the others
+    unlabeled; use ``python -m data_manifest split`` to draw labeled/val splits, or pass
+    UniMatch ``splits`` (then images listed in no split file are left out). The background
+    class is ``background_index``, else the class named "background" (see
+    :func:`resolve_background`). Everything left out, and why, goes into ``report``.
+
+    Raises:
+        UserError: no classes file, a duplicate class name, no images, no label folder or no
+            label matching an image (without ``splits``), a label in a lossy format, ...
     """
+    report = report if report is not None else BuildReport()
     root = _check_root(root, "folder-layout", images)
-    classes, palette = read_classes_file(classes_file or root / "classes.txt")
-    palette = palette or voc_colormap(len(classes))
-    if background_index is None and classes[0].lower() == "background":
-        background_index = 0
-    if background_index is not None and not 0 <= background_index < len(classes):
-        raise UserError(
-            f"background_index = {background_index}; expected a class index in "
-            f"[0, {len(classes) - 1}]"
-        )
+    classes, palette = _classes(root, classes_file, None, report)
+    background_index = resolve_background(classes, background_index, report)
     img_root = root / images
+    image_files = _scan_images(img_root, root, report)
+    if not image_files:
+        raise UserError(
+            f"{img_root}: no images found; expected files ending in {', '.join(IMAGE_SUFFIXES)}"
+        )
 
     def name_of(image_rel: str) -> str:
         """The image's path under ``images/`` without its suffix ("city/a")."""
@@ -423,32 +661,89 @@ def build_folder(
         return name_of(image_rel).replace("/", "__")
 
     if splits is not None:
-        entries = _from_split_files(root, splits, id_of)
+        entries = _from_split_files(root, splits, id_of, report)
         made_by = _split_label(splits)
+        listed = {im for _, im, _, _ in entries}
+        report.leave_out(
+            [_rel(p, root) for p in image_files if _rel(p, root) not in listed],
+            f"an image listed in no split file of {splits}",
+        )
     else:
-        entries = []
-        for p in sorted(img_root.rglob("*")):
-            if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
-                continue
-            if any(part.startswith(".") for part in p.relative_to(img_root).parts):
-                continue
-            rel = _rel(p, root)
-            image_id = id_of(rel)
-            label = f"{labels}/{name_of(rel)}.png"
-            has = (root / label).is_file()
-            entries.append(
-                (image_id, rel, label if has else None, "labeled" if has else "unlabeled")
-            )
-        if not entries:
-            raise UserError(
-                f"{img_root}: no images found; expected files ending in {', '.join(IMAGE_SUFFIXES)}"
-            )
+        entries = _pair_labels(root, image_files, images, labels, label_suffix, name_of, report)
         made_by = "images with a label file labeled, the rest unlabeled"
     rows = _make_rows(root, entries)
     meta = _meta(
         root, dataset or root.name, classes, palette, made_by, background_index=background_index
     )
     return Manifest(meta=meta, rows=sort_rows(rows))
+
+
+def _pair_labels(
+    root: Path,
+    image_files: list[Path],
+    images: str,
+    labels: str,
+    label_suffix: str,
+    name_of: Callable[[str], str],
+    report: BuildReport,
+) -> list[tuple[str, str, str | None, str]]:
+    """(id, image, label or None, split) for the folder layout without split files: an image
+    with ``labels/<name><label_suffix>.png`` is labeled, the others unlabeled.
+
+    Raises:
+        UserError: no label folder, no label file matching an image, a label of an image in
+            a lossy format (``labels/<name>.jpg``).
+    """
+    lab_root = root / labels
+    expect = f"{labels}/<name>{label_suffix}.png for images/<name>.<ext>"
+    for p in image_files:  # an id that cannot name a file: said before anything about labels
+        check_id(name_of(_rel(p, root)).replace("/", "__"), str(p))
+    if not lab_root.is_dir():
+        raise UserError(
+            f"{lab_root}: label folder not found; expected label PNGs ({expect}), or the "
+            f"label folder's name in --labels{_other_label_folders(root, images, labels)}"
+        )
+    label_files = {
+        _rel(p, root)
+        for p in lab_root.rglob("*")
+        if p.is_file() and not any(x.startswith(".") for x in p.relative_to(lab_root).parts)
+    }
+    by_stem: dict[str, list[str]] = {}
+    for f in sorted(label_files):
+        by_stem.setdefault(str(PurePosixPath(f).with_suffix("")), []).append(f)
+    entries, used, other_format = [], set(), []
+    for p in image_files:
+        rel = _rel(p, root)
+        stem = f"{labels}/{name_of(rel)}{label_suffix}"
+        label = f"{stem}.png"
+        if label in label_files:
+            used.add(label)
+        else:
+            found = by_stem.get(stem, [])
+            for f in found:
+                check_label_format(root / f)  # a JPEG label: refused, with the reason
+            other_format += found
+            used.update(found)
+            label = None
+        split = "unlabeled" if label is None else "labeled"
+        entries.append((name_of(rel).replace("/", "__"), rel, label, split))
+    report.leave_out(other_format, f"a label not named <name>{label_suffix}.png")
+    unmatched = sorted(label_files - used)
+    names = {name_of(_rel(p, root)) for p in image_files}
+    hint = _label_suffix_hint(unmatched, names, labels)
+    n_lab = len(used) - len(other_format)
+    if n_lab == 0:
+        first = f" (first: {unmatched[0]})" if unmatched else ""
+        raise UserError(
+            f"{lab_root}: no label file matches an image: {len(label_files)} files{first}; "
+            f"expected {expect}{hint}"
+        )
+    report.leave_out(unmatched, f"a label file that matches no image (expected {expect}){hint}")
+    report.fact(
+        "labels",
+        f"{n_lab} in {labels}/ ({len(image_files) - n_lab} images without one: unlabeled)",
+    )
+    return entries
 
 
 def save_manifest(manifest: Manifest, out: str | os.PathLike, root: str | os.PathLike) -> Path:

@@ -86,17 +86,30 @@ def resolve_manifest(cfg: dict[str, Any], manifest: str | None = None, quiet: bo
         from data_manifest import demo
 
         params = dc.demo_params()
+        option = f"{source}: [data] demo_root"
         if not demo.is_generated(dc.demo_root, params):
+            demo.check_root(dc.demo_root, option)
             if quiet:
-                demo.generate(dc.demo_root, params)
+                demo.generate(dc.demo_root, params, option=option)
             else:
                 from data_manifest.cli_support import progress
 
                 with progress() as bar:
                     task = bar.add_task("demo dataset", total=demo.total_images(params), rate="")
-                    demo.generate(dc.demo_root, params, tick=lambda: bar.advance(task))
+                    demo.generate(
+                        dc.demo_root, params, tick=lambda: bar.advance(task), option=option
+                    )
+    if path.is_dir():
+        raise UserError(
+            f"{source}: [data] manifest = {str(path)!r} is a folder; expected a manifest.jsonl "
+            "made by python -m data_manifest build"
+        )
     if not path.is_file():
         hint = f" (demo = true writes {dc.demo_root}/source and /target)" if dc.demo else ""
+        if not path.is_absolute():
+            hint += (
+                f" (relative paths in a run config are read from the current folder, {Path.cwd()})"
+            )
         raise UserError(
             f"{source}: [data] manifest = {str(path)!r} does not exist{hint}; expected a "
             "manifest.jsonl made by python -m data_manifest build"

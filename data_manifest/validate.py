@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from data_manifest.errors import UserError
-from data_manifest.io import atomic_write_text, read_label_png
+from data_manifest.io import atomic_write_text, not_found, read_label_png
 from data_manifest.manifest import (
     Manifest,
     Meta,
@@ -85,7 +85,7 @@ def _tail_ok(buf: np.ndarray, suffix: str) -> bool:
 def _check_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """(height, width) of a decodable image, or a problem description."""
     if not path.is_file():
-        return None, "file not found; expected an existing image file"
+        return None, f"{not_found(path)}; expected an existing image file"
     buf = np.fromfile(path, dtype=np.uint8)
     if buf.size == 0:
         return None, "file is empty; expected a JPEG or PNG image"
@@ -99,7 +99,7 @@ def _check_image(path: Path) -> tuple[tuple[int, int] | None, str | None]:
 
 def _check_label(path: Path, meta: Meta) -> tuple[tuple[int, int] | None, str | None]:
     if not path.is_file():
-        return None, "file not found; expected a label PNG"
+        return None, f"{not_found(path)}; expected a label PNG"
     buf = np.fromfile(path, dtype=np.uint8)
     if buf.size and not _tail_ok(buf, path.suffix.lower()):
         return None, "truncated file (no end-of-image marker); expected a complete label PNG"
@@ -123,9 +123,10 @@ def _check_label(path: Path, meta: Meta) -> tuple[tuple[int, int] | None, str | 
 
 
 def _inside(root: Path, rel: str) -> bool:
-    """True when ``root/rel`` resolves (following links) to a path inside ``root``."""
+    """True when ``root/rel`` resolves (following links) to a path inside ``root`` (a link
+    loop resolves nowhere: False)."""
     try:
-        (root / rel).resolve().relative_to(root)
+        Path(os.path.realpath(root / rel)).relative_to(root)
     except ValueError:
         return False
     return True
@@ -280,7 +281,8 @@ def validate(
         problems.append(
             Problem(
                 f"{path}: split 'labeled' is empty; expected at least one "
-                "labeled image with a valid label"
+                "labeled image with a valid label (build folder takes labels from labels/: "
+                "--labels names another folder; `data_manifest split` draws a labeled split)"
             )
         )
     problems.sort(key=lambda p: (p.line is None, p.line or 0))

@@ -1,12 +1,16 @@
 """CUDA calls made observable on a CPU-only build of torch.
 
 SEEM's code decides where things go through a handful of calls: ``torch.cuda.set_device`` and
-``current_device``, ``Tensor.cuda()`` (the current device), ``Tensor.to``/``Module.to`` and
-``torch.load(map_location=...)``. :class:`FakeCuda` replaces them while a test runs: it
+``current_device``, ``Tensor.cuda()`` (the current device), ``Tensor.to``/``Module.to``,
+``torch.load(map_location=...)`` and tensor factories given a CUDA ``device=`` (``torch.ones(...,
+device=torch.cuda.current_device())`` in ``seem_model_v1.py``). :class:`FakeCuda` replaces them
+while a test runs: it
 reports ``count`` CUDA devices, keeps a current device, records every placement on a CUDA
 device in :attr:`FakeCuda.events` (in call order) and leaves the tensors where they are, so
 that the order and the targets of those calls can be checked without a GPU. The same tests
 run against real CUDA in ``tests/test_annotate_seem.py::test_seem_double_on_real_cuda``.
+:func:`install_in_process` installs it for a whole process (a ``sitecustomize`` module in the
+upstream tests: ``python -m annotate run`` with SEEM's real code on a CPU).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from typing import Any
 
 import torch
 
-PLACEMENTS = ("tensor.cuda", "tensor.to", "module.to", "load")
+PLACEMENTS = ("tensor.cuda", "tensor.to", "module.to", "load", "factory")
+FACTORIES = ("ones", "zeros", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn")
 
 
 class FakeCuda:
     """Events: ("set_device", i), ("current_device", i), ("tensor.cuda", i),
-    ("tensor.to", i), ("module.to", i, class name), ("load", i)."""
+    ("tensor.to", i), ("module.to", i, class name), ("load", i), ("factory", i, name)."""
 
     def __init__(self, count: int = 2):
         self.count = count
@@ -94,6 +99,18 @@ class FakeCuda:
                 map_location = "cpu"
             return load(f, map_location=map_location, **kwargs)
 
+        def factory(name: str, make: Any) -> Any:
+            def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+                i = self.index(kwargs.get("device"))
+                if i is not None:
+                    self.events.append(("factory", i, name))
+                    kwargs["device"] = "cpu"
+                return make(*args, **kwargs)
+
+            return wrapped
+
+        for name in FACTORIES:
+            monkeypatch.setattr(torch, name, factory(name, getattr(torch, name)))
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
         monkeypatch.setattr(torch.cuda, "set_device", set_device)
@@ -104,3 +121,10 @@ class FakeCuda:
         monkeypatch.setattr(torch.nn.Module, "cuda", lambda m, d=None: m_to(m, d or "cuda"))
         monkeypatch.setattr(torch, "load", fake_load)
         return self
+
+
+def install_in_process(count: int = 1) -> FakeCuda:
+    """Install a :class:`FakeCuda` for the rest of this process (no undo)."""
+    import types
+
+    return FakeCuda(count).install(types.SimpleNamespace(setattr=setattr))

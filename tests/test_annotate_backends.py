@@ -81,12 +81,12 @@ def test_torch_backend_rejects_non_models(tmp_path):
 
 
 def _trainer_checkpoint(path: Path) -> Path:
-    inference = pytest.importorskip("train.inference")
+    checkpoint = pytest.importorskip("train.checkpoint")
     from train.models import build_model
 
     torch.manual_seed(0)
     net = build_model("deeplabv3plus_effl0", len(CLASSES), pretrained=False).eval()
-    info = inference.checkpoint_info("deeplabv3plus_effl0", CLASSES, PALETTE)
+    info = checkpoint.checkpoint_info("deeplabv3plus_effl0", CLASSES, PALETTE)
     torch.save({"model": net.state_dict(), "info": info}, path)
     return path
 

@@ -17,7 +17,7 @@ from _annotate_fixtures import make_dataset, write_config
 
 import data_manifest
 from annotate import open_cache
-from annotate.annotators import IMAGENET_MEAN
+from annotate.common import IMAGENET_MEAN
 from annotate.config import AnnotateConfig
 from annotate.hf import NO_PROMPT, Preprocessing, load_hf_annotator, read_preprocessing
 from annotate.run import run_annotation
@@ -321,15 +321,14 @@ def test_upernet_without_processor_settings(data):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def _semantic(out):
-    """Mask2Former/OneFormer's semantic map, as post_process_semantic_segmentation builds it
-    (before its resizing): Σ_q softmax(class)[:-1] · sigmoid(mask)."""
-    cls = out.class_queries_logits.softmax(-1).numpy()[..., :-1]
-    masks = 1 / (1 + np.exp(-out.masks_queries_logits.numpy()))
-    return np.einsum("bqc,bqhw->bchw", cls, masks)
+def _semantic(proc, out):
+    """The image processor's own semantic scores: ``post_process_semantic_segmentation`` without
+    a target size, float32 (B, K, h, w) (Mask2Former's at 384 x 384)."""
+    res = proc.post_process_semantic_segmentation(out, return_segmentation_scores=True)
+    return np.stack([r.segmentation_scores.numpy() for r in res])
 
 
-def test_mask2former_semantic_non_square(data):
+def test_mask2former_semantic_non_square(data, monkeypatch):
     root, m = data
     net = _mask2former()
     proc = m2f_proc.Mask2FormerImageProcessorPil(
@@ -340,13 +339,21 @@ def test_mask2former_semantic_non_square(data):
     )
     ann = _annotator(_save(net, root / "m2f", proc), m)
     assert ann.normalization == "sum" and ann.pre.size_divisor == 32
+    assert ann.extra["mask_logits_resized_to"] == [384, 384]
     for rows in (m.rows[:2], m.rows[2:]):
         imgs = [m.read_image(r) for r in rows]
         with torch.no_grad():
-            want = _semantic(net(pixel_values=_pixels(proc, imgs)))
+            out = net(pixel_values=_pixels(proc, imgs))
             got = ann.predict(_batch(imgs))
-        assert got.shape == want.shape == ((2, 4, 16, 24) if rows[0].height == 45 else want.shape)
+        want = _semantic(proc, out)
+        assert got.shape == want.shape == (2, 4, 384, 384)
         _close(got.numpy(), want)
+        # on the same model outputs, equal to transformers' to float32 rounding
+        with torch.no_grad():
+            monkeypatch.setattr(ann.model, "forward", lambda out=out, **kw: out)
+            same = ann.predict(_batch(imgs))
+            monkeypatch.undo()
+        np.testing.assert_allclose(same.numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_oneformer_semantic_task(data):
@@ -393,7 +400,7 @@ def test_oneformer_semantic_task(data):
     with torch.no_grad():
         out = net(pixel_values=_pixels(proc, imgs), task_inputs=task.repeat(2, 1))
         got = ann.predict(_batch(imgs))
-    _close(got.numpy(), _semantic(out))
+    _close(got.numpy(), _semantic(proc, out))
 
 
 # -- CLIPSeg ------------------------------------------------------------------------------------

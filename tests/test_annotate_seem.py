@@ -344,7 +344,7 @@ def test_short_side_resize_as_seem_inference(tmp_path, double, cuda, tokenizer):
 def test_resize_matches_pil_bicubic_on_a_photo():
     from skimage import data as photos
 
-    from annotate.annotators import resize_images
+    from annotate.common import resize_images
 
     img = np.ascontiguousarray(photos.astronaut()[:375, :500])
     want = np.asarray(Image.fromarray(img).resize((682, 512), Image.BICUBIC)).astype(np.float32)
@@ -384,8 +384,8 @@ def test_missing_checkout_and_dependencies_are_one_line(tmp_path, double, cuda, 
     monkeypatch.delitem(sys.modules, "utils")
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # SEEM's utils/distributed.py needs it
     assert error(seem_root=str(DOUBLE)) == (
-        "SEEM's code needs the module 'mpi4py', which is not installed; install SEEM's "
-        "requirements as in docs/annotate.md (python -m annotate seem-requirements)"
+        "SEEM's code needs the module 'mpi4py', which is not installed; redo step 2 of the SEEM "
+        "recipe in docs/annotate.md (python -m annotate seem-requirements, pip install)"
     )
     assert "seem_config = '': file not found" in error(seem_config="")
     assert "model = 'missing.pt': file not found" in error(model="missing.pt")
@@ -535,3 +535,220 @@ def test_real_seem_model(tmp_path):
     p = cache.probs("l00")
     assert p.shape == (3, 375, 500)
     np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-3)
+
+
+# -- prompts as SEEM embeds them, checkpoints of another config -------------------------------
+
+
+def test_cache_records_the_prompt_texts_seem_embeds(tmp_path, double, cuda, tokenizer, monkeypatch):
+    """SEEM's text encoder removes -other, -merged and -stuff from a name before its templates
+    (upstream modeling/language/vlpencoder.py): the cache records the texts it embedded."""
+    ckpt = _checkpoint(tmp_path, tokenizer)
+    m = data_manifest.load(make_dataset(tmp_path / "ds", 1, 0, 0))
+    said: list[str] = []
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    call = PreTrainedTokenizerBase.__call__
+
+    def spy(self, text=None, *args, **kwargs):
+        if kwargs.get("padding") == "max_length":  # SEEM's text encoder, not our own check
+            said.extend([text] if isinstance(text, str) else text)
+        return call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", spy)
+    # prompts as a user may copy them from SEEM's COCO class names
+    cfg = _cfg(ckpt, tokenizer, prompts={"cat": ["cat-merged"], "dog": ["dog-other"]})
+    ann = load_seem_annotator(cfg, m)
+    assert ann.classes == (NO_OBJECT, "cat-merged", "dog-other")
+    assert ann.extra["prompts"] == ["cat", "dog"] and ann.extra["no_object_prompt"] == "background"
+    templates = ann.extra["prompt_templates"]
+    assert templates == ["a photo of a {}.", "a bad photo of the {}.", "a {} in a scene."]
+    assert said == [t.format(p) for p in ("cat", "dog", "background") for t in templates]
+    run_annotation(cfg, m, tmp_path / "c.zarr", annotator=ann)
+    model = open_cache(tmp_path / "c.zarr").meta.extra["model"]
+    assert model["prompts"] == ["cat", "dog"] and model["prompt_templates"] == templates
+    # prompts SEEM would embed alike are refused: they would share one score
+    for prompts, first, second, text in (
+        ({"cat": ["cat", "Cat-stuff"]}, "cat = 'cat'", "cat = 'Cat-stuff'", "cat"),
+        ({"dog": ["cat-other"]}, "cat = 'cat'", "dog = 'cat-other'", "cat"),
+        ({"cat": ["background-stuff"]}, None, None, "background"),
+    ):
+        with pytest.raises(UserError) as exc:
+            load_seem_annotator(_cfg(ckpt, tokenizer, prompts=prompts), m)
+        if first:
+            assert str(exc.value) == (
+                f"[annotate] prompts: {first} and {second} are both embedded as {text!r} by SEEM "
+                "(it lower-cases and removes -other, -merged, -stuff); expected prompts that "
+                "differ"
+            )
+        else:
+            assert "SEEM already uses 'background' as its no-object text" in str(exc.value)
+
+
+def test_checkpoint_of_another_config_is_one_line(tmp_path, double, cuda, tokenizer):
+    """SEEM's from_pretrained skips tensors whose name or shape differ (utils/model.py): such
+    a checkpoint is refused before it leaves the model half random."""
+    m = data_manifest.load(make_dataset(tmp_path / "ds", 1, 0, 0))
+    wide = tmp_path / "wide.yaml"
+    wide.write_text(CONFIG.read_text().replace("HIDDEN_DIM: 16", "HIDDEN_DIM: 24"))
+    (tmp_path / "w").mkdir()
+    other = _checkpoint(tmp_path / "w", tokenizer, wide)
+    with pytest.raises(UserError) as exc:
+        load_seem_annotator(_cfg(other, tokenizer), m)
+    assert str(exc.value) == (
+        f"{other}: not a checkpoint of seem_double.yaml: 5 tensors of another shape (e.g. "
+        "sem_seg_head.predictor.class_embed: (24, 16) in the checkpoint, (16, 16) in the model); "
+        "expected a checkpoint made with this config and tokenizer"
+    )
+    ckpt = _checkpoint(tmp_path, tokenizer)
+    state = torch.load(ckpt)
+    del state["backbone.stem.weight"]
+    state["unused.extra"] = torch.zeros(2)
+    partial = tmp_path / "partial.pt"
+    torch.save(state, partial)
+    with pytest.raises(UserError) as exc:
+        load_seem_annotator(_cfg(partial, tokenizer), m)
+    assert str(exc.value).endswith(
+        "not a checkpoint of seem_double.yaml: 1 of the model's 13 parameters missing (e.g. "
+        "backbone.stem.weight); expected a checkpoint made with this config and tokenizer"
+    )
+    del state["unused.extra"]
+    state["backbone.stem.weight"] = torch.zeros(1)
+    torch.save(state, partial)
+    with pytest.raises(UserError, match=r"1 tensors of another shape \(e.g. backbone.stem.weight"):
+        load_seem_annotator(_cfg(partial, tokenizer), m)
+    # tensors the model does not have are ignored, as SEEM ignores them, and counted
+    state = torch.load(ckpt)
+    state["criterion.unused"] = torch.zeros(3)
+    torch.save(state, partial)
+    assert load_seem_annotator(_cfg(partial, tokenizer), m).extra["checkpoint_tensors_ignored"] == 1
+
+
+# -- any failure while SEEM is imported: one line naming the recipe step ---------------------
+
+
+@pytest.fixture
+def fake_seem(tmp_path, monkeypatch):
+    """write(module_code, **packages): a SEEM checkout whose modeling/__init__.py runs
+    ``module_code``, and packages (name -> __init__ code) first on the path; both forgotten
+    afterwards."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    names = ("modeling", "utils", "detectron2", "torchvision", "somepkg")
+    before = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] in names}
+    root = tmp_path / "seem"
+
+    def write(code: str, **packages: str) -> Path:
+        (root / "modeling").mkdir(parents=True)
+        (root / "utils").mkdir()
+        (root / "modeling" / "__init__.py").write_text(code + "\ndef build_model(opt): pass\n")
+        (root / "modeling" / "BaseModel.py").write_text("class BaseModel: pass\n")
+        (root / "utils" / "__init__.py").write_text("")
+        (root / "utils" / "arguments.py").write_text("def load_opt_from_config_files(f): pass\n")
+        (root / "utils" / "prompt_engineering.py").write_text("def get_prompt_templates(): pass\n")
+        for name, init in packages.items():
+            (site / name).mkdir()
+            (site / name / "__init__.py").write_text(init)
+        return root
+
+    yield write
+    for n in [n for n in sys.modules if n.split(".")[0] in names]:
+        del sys.modules[n]
+    sys.modules.update(before)
+    while str(root) in sys.path:
+        sys.path.remove(str(root))
+
+
+STEP_0 = (
+    "redo step 0 of the SEEM recipe in docs/annotate.md (torch and the torchvision built for "
+    "it, from one index)"
+)
+STEP_3 = (
+    "redo step 3 of the SEEM recipe in docs/annotate.md (its detectron2 fork, "
+    "MaureenZOU/detectron2-xyz)"
+)
+
+
+def _import_error(root: Path) -> str:
+    from annotate.seem import check_install
+
+    with pytest.raises(UserError) as exc:
+        check_install(str(root))
+    assert "\n" not in str(exc.value)
+    return str(exc.value)
+
+
+def test_seem_without_its_fork(fake_seem):
+    root = fake_seem("import detectron2")
+    assert _import_error(root) == (
+        "SEEM's code imports detectron2, which is not installed: SEEM needs its fork; " + STEP_3
+    )
+
+
+def test_fork_that_raises_at_import(fake_seem, tmp_path):
+    # the error comes out of Pillow (this project's), called from the fork: the fork is named
+    root = fake_seem(
+        "import detectron2", detectron2="from PIL import Image\nINTERP = Image.NO_SUCH_NAME\n"
+    )
+    init = tmp_path / "site" / "detectron2" / "__init__.py"
+    assert _import_error(root) == (
+        "SEEM's detectron2 fork raised AttributeError: module 'PIL.Image' has no attribute "
+        f"'NO_SUCH_NAME' ({init}:2); " + STEP_3
+    )
+
+
+def test_fork_using_image_linear_imports_on_this_pillow(fake_seem):
+    """Pillow >= 10 has no Image.LINEAR, which the fork's transform.py uses at import: the
+    adapter restores it as the alias of BILINEAR it was."""
+    from PIL import Image
+
+    had = hasattr(Image, "LINEAR")
+    root = fake_seem(
+        "import detectron2", detectron2="from PIL import Image\nINTERP = Image.LINEAR\n"
+    )
+    from annotate.seem import _import_seem
+
+    _import_seem(str(root))
+    assert sys.modules["detectron2"].INTERP == Image.BILINEAR == 2
+    if not had:
+        del Image.LINEAR
+
+
+def test_torchvision_of_another_build(fake_seem, tmp_path):
+    root = fake_seem(
+        "import torchvision",
+        torchvision="raise RuntimeError('operator torchvision::nms does not exist')\n",
+    )
+    msg = _import_error(root)
+    init = tmp_path / "site" / "torchvision" / "__init__.py"
+    assert msg.startswith("torchvision ") and msg.endswith(
+        f" (RuntimeError: operator torchvision::nms does not exist) ({init}:1); " + STEP_0
+    ), msg
+
+
+def test_other_failures_name_their_package_or_seem(fake_seem, tmp_path):
+    root = fake_seem("import somepkg", somepkg="raise ValueError('bad build')\n")
+    init = tmp_path / "site" / "somepkg" / "__init__.py"
+    assert _import_error(root) == (
+        f"the package 'somepkg' raised ValueError: bad build while SEEM was imported ({init}:1); "
+        "redo step 2 of the SEEM recipe in docs/annotate.md (python -m annotate "
+        "seem-requirements, pip install)"
+    )
+    # a missing module is named; the step follows from what it is
+    for name in sys.modules.copy():
+        if name.split(".")[0] in ("modeling", "utils", "somepkg"):
+            del sys.modules[name]
+    (root / "modeling" / "__init__.py").write_text("import torchvision.ops\n")
+    assert _import_error(root) == (
+        "SEEM's code needs the module 'torchvision', which is not installed; " + STEP_0
+    )
+    for name in sys.modules.copy():
+        if name.split(".")[0] in ("modeling", "utils"):
+            del sys.modules[name]
+    (root / "modeling" / "__init__.py").write_text("x = undefined_name\n")
+    assert _import_error(root) == (
+        "SEEM's code raised NameError: name 'undefined_name' is not defined "
+        f"({root / 'modeling' / '__init__.py'}:1); expected v1.0: redo step 1 of the SEEM recipe "
+        "in docs/annotate.md (SEEM's checkout, v1.0)"
+    )

@@ -4,12 +4,21 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import sys
+import sysconfig
 
 import pytest
 from typer.testing import CliRunner
 
 from annotate.cli import app
-from annotate.seem_install import DETECTRON2_FORK, EXTRA, constraints, filter_requirements
+from annotate.seem_install import (
+    DETECTRON2_FORK,
+    EXTRA,
+    PATH_FILE,
+    check_torchvision,
+    constraints,
+    filter_requirements,
+)
 from data_manifest.errors import UserError
 
 # The kinds of lines SEEM's two requirement files have (v1.0): exact pins of packages this
@@ -87,7 +96,8 @@ def test_constraints_pin_this_projects_installed_versions():
     assert "zarr" in pins and "pytest" not in pins and "ruff" not in pins  # no dev tools
 
 
-def test_command_writes_both_files_and_prints_the_commands(tmp_path):
+def test_command_writes_both_files_and_prints_the_commands(tmp_path, monkeypatch):
+    monkeypatch.setattr("annotate.seem_install.check_torchvision", lambda: "0.28.0")
     seem = tmp_path / "seem"
     (seem / "assets" / "requirements").mkdir(parents=True)
     (seem / "assets" / "requirements" / "requirements.txt").write_text("\n".join(LINES[:17]))
@@ -105,10 +115,60 @@ def test_command_writes_both_files_and_prints_the_commands(tmp_path):
     assert f"pip install -r {out / 'seem-requirements.txt'} -c {out / 'seem-constraints.txt'}" in (
         r.output
     )
-    assert (
-        f"pip install --no-build-isolation -c {out / 'seem-constraints.txt'} "
-        f"'git+https://github.com/{DETECTRON2_FORK}.git'"
-    ) in r.output
+    assert "(and SEEM's detectron2 fork: --detectron2)" in r.output
+    assert not (out / PATH_FILE).exists()
+    # with the fork's checkout: the path file, and the command that puts it in site-packages
+    fork = tmp_path / "detectron2-xyz"
+    (fork / "detectron2").mkdir(parents=True)
+    (fork / "detectron2" / "__init__.py").write_text("")
+    args = ["seem-requirements", str(seem), "--detectron2", str(fork), "--out", str(out)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (out / PATH_FILE).read_text() == f"{fork.resolve()}\n"
+    assert f"cp {out / PATH_FILE} {sysconfig.get_path('purelib')}" in r.output
+    r = CliRunner().invoke(app, [*args[:3], str(tmp_path), "--out", str(out)])
+    assert r.exit_code == 1
+    assert f"{tmp_path}: detectron2/__init__.py not found; expected a checkout of" in r.output
     r = CliRunner().invoke(app, ["seem-requirements", str(tmp_path / "nope")])
     assert r.exit_code == 1
     assert "assets/requirements/requirements.txt not found; expected a checkout" in r.output
+
+
+def test_torchvision_must_be_installed_and_import(tmp_path, monkeypatch):
+    """Without a torchvision that imports beside the installed torch, pip would take PyPI's
+    build for timm (SEEM needs both); seem-requirements stops with one line instead."""
+    monkeypatch.setattr(md, "version", _versions({"torch": "2.13.0+cpu"}))
+    with pytest.raises(UserError) as exc:
+        check_torchvision()
+    assert str(exc.value) == (
+        "torchvision is not installed; install the torchvision built for torch 2.13.0+cpu, "
+        "from the index torch came from: step 0 of the SEEM recipe in docs/annotate.md (torch "
+        "and the torchvision built for it, from one index)"
+    )
+    # installed, but built for another torch: it fails at import, as PyPI's build does here
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "raise RuntimeError('operator torchvision::nms does not exist')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+    monkeypatch.setattr(md, "version", _versions({"torch": "2.13.0+cpu", "torchvision": "0.28.0"}))
+    with pytest.raises(UserError) as exc:
+        check_torchvision()
+    assert str(exc.value) == (
+        "torchvision 0.28.0 does not work with torch 2.13.0+cpu (operator torchvision::nms does "
+        "not exist); install the torchvision built for that torch, from the index torch came "
+        "from: step 0 of the SEEM recipe in docs/annotate.md (torch and the torchvision built "
+        "for it, from one index)"
+    )
+    monkeypatch.delitem(sys.modules, "torchvision", raising=False)
+
+
+def _versions(known: dict[str, str]):
+    def version(name: str) -> str:
+        if name not in known:
+            raise md.PackageNotFoundError(name)
+        return known[name]
+
+    return version

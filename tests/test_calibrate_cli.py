@@ -310,8 +310,9 @@ def test_rerun_rewrites_nothing_and_recovers_from_a_kill(
     assert (out / "calibration.json").read_bytes() == js
     run = json.loads((out / "run.json").read_text())
     assert run["rewritten"] == 0 and run["removed_temporaries"] == run["removed_orphans"] == 0
-    # a killed run: one PNG missing, one half-written temporary, one stale; and PNGs of ids
-    # that are no longer unlabeled
+    # a killed run (of a manifest with two more unlabeled ids): one PNG missing, one
+    # half-written temporary, one stale; PNGs of ids that are no longer unlabeled, listed in
+    # the marker it left; and a PNG the user put there, which is not calibrate's to remove
     victims = sorted(first)
     (out / victims[0]).unlink()
     v1 = out / victims[1]
@@ -320,6 +321,10 @@ def test_rerun_rewrites_nothing_and_recovers_from_a_kill(
     write_label_png(out / victims[2], np.zeros((24, 32), np.uint8), [[0, 0, 0]])
     write_label_png(out / "gone.png", np.zeros((24, 32), np.uint8), [[0, 0, 0]])
     write_label_png(out / "old.png", np.zeros((24, 32), np.uint8), [[0, 0, 0]])
+    ids = [p.removesuffix(".png") for p in first]
+    marker = {"pngs": [*ids, "gone", "old"]}
+    (out / "calibration.incomplete").write_text(json.dumps(marker))
+    (out / "notes.png").write_bytes(b"the user's")
     res = runner.invoke(
         app,
         ["run", "--manifest", str(mpath), "--cache", str(cpath), "--out-dir", str(out)]
@@ -327,6 +332,8 @@ def test_rerun_rewrites_nothing_and_recovers_from_a_kill(
     )
     assert res.exit_code == 0, res.output
     assert "stale temporaries removed" in res.output and "orphan PNGs removed" in res.output
+    assert (out / "notes.png").read_bytes() == b"the user's"
+    (out / "notes.png").unlink()
     assert pngs(out) == first
     assert (out / "calibration.json").read_bytes() == js
     run = json.loads((out / "run.json").read_text())
@@ -342,7 +349,7 @@ def test_refuses_a_foreign_non_empty_out_dir(ds: tuple[Path, Path], tmp_path: Pa
     (out / "photo.png").write_bytes(b"not ours")
     res = invoke(*ds, out)
     assert res.exit_code == 1
-    assert "out_dir exists, is not empty and holds no calibration.json" in res.output
+    assert "mine: holds files that python -m calibrate run did not write" in res.output
     assert (out / "photo.png").read_bytes() == b"not ours"
 
 

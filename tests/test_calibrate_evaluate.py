@@ -196,7 +196,7 @@ def test_folder_of_another_manifest(ds: tuple[Path, Path, Path], tmp_path: Path)
             str(tmp_path / "ev"),
         ],
     )
-    one_line_error(res, "expected pseudo-labels made from this manifest")
+    one_line_error(res, "the pseudo-labels were made from another manifest")
     assert not (tmp_path / "ev").exists()
 
 
@@ -220,7 +220,7 @@ def test_missing_png(ds: tuple[Path, Path, Path], tmp_path: Path) -> None:
     victim = sorted(copy.glob("*.png"))[0]
     victim.unlink()
     res = runner.invoke(app, ["evaluate", str(copy), "--quiet"])
-    one_line_error(res, f"{victim}: pseudo-label missing")
+    one_line_error(res, f"{victim}: listed in calibration.json but missing")
 
 
 def test_no_labels_anywhere(tmp_path: Path) -> None:

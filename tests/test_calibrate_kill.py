@@ -48,11 +48,11 @@ def args(ds: tuple[Path, Path], out: Path, alpha: str) -> list[str]:
 
 def state(out: Path) -> dict[str, bytes]:
     """Every file a trainer or user reads (not run.json, the log of the last run, nor
-    config.toml, which names the folder)."""
+    config.toml, which names the folder, nor the lock file a killed run leaves behind)."""
     return {
         p.relative_to(out).as_posix(): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name not in ("run.json", "config.toml")
+        if p.is_file() and p.name not in ("run.json", "config.toml", ".conformalsam.lock")
     }
 
 

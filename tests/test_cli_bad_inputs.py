@@ -33,15 +33,19 @@ import pytest
 import torch
 from _annotate_fixtures import save_torchscript
 from _calibrate_fixtures import CLASSES, PALETTE, make_dataset
+from PIL import Image
 from typer.testing import CliRunner
 
+import data_manifest
 from annotate.cli import app as annotate_app
 from calibrate.cli import app as calibrate_app
 from data_manifest.cli import app as manifest_app
 from data_manifest.errors import UserError
+from data_manifest.io import write_label_png
 from data_manifest.manifest import Meta, Row, compute_fingerprint
+from data_manifest.ownership import OWNER_FILE
+from train.checkpoint import checkpoint_info, save_checkpoint
 from train.cli import app as train_app
-from train.inference import checkpoint_info, save_checkpoint
 from train.models import build_model
 
 APPS = {"dm": manifest_app, "an": annotate_app, "ca": calibrate_app, "tr": train_app}
@@ -263,6 +267,118 @@ def copy_of(src: str, dst: str, lock: str | None = None) -> Callable[[Ctx], None
         (shutil.copytree if s.is_dir() else shutil.copy2)(s, c.t / dst)
         if lock is not None:
             c.read_only(c.t / lock)
+
+    return setup
+
+
+def bom_config(text: str) -> Callable[[Ctx], None]:
+    """``c.toml`` written by an editor that puts a UTF-8 byte-order mark first."""
+    return lambda c: (c.t / "c.toml").write_bytes(b"\xef\xbb\xbf" + text.encode())
+
+
+def top_seed(value: str) -> Callable[[Ctx], None]:
+    """``c.toml``: the shared run config with another top-level seed."""
+
+    def setup(c: Ctx) -> None:
+        text = (c.w.root / "run.toml").read_text()
+        (c.t / "c.toml").write_text(text.replace("seed = 0", f"seed = {value}"))
+
+    return setup
+
+
+def pickle_file(name: str) -> Callable[[Ctx], None]:
+    """A plain pickle (``pickle.dump``) where a checkpoint is expected."""
+    import pickle
+
+    return lambda c: (c.t / name).write_bytes(pickle.dumps({"model": {"w": [1.0]}}))
+
+
+UNLABELED_CHUNK = "images/im-unl001/topk_prob/c/0/0/0"
+
+
+def damaged_cache(how: str) -> Callable[[Ctx], None]:
+    """``c.zarr``: a copy of the shared cache with one chunk of an unlabeled image removed,
+    emptied, cut in half or with one bit changed."""
+
+    def setup(c: Ctx) -> None:
+        shutil.copytree(c.w.cache, c.t / "c.zarr")
+        chunk = c.t / "c.zarr" / UNLABELED_CHUNK
+        data = bytearray(chunk.read_bytes())
+        if how == "missing":
+            chunk.unlink()
+        elif how == "empty":
+            chunk.write_bytes(b"")
+        elif how == "truncated":
+            chunk.write_bytes(data[: len(data) // 2])
+        else:
+            data[len(data) // 2] ^= 0x10
+            chunk.write_bytes(bytes(data))
+
+    return setup
+
+
+def pseudo_copy(edit: str = "") -> Callable[[Ctx], None]:
+    """``p``: a copy of the shared calibrate output, then ``edit``: "png" (one PNG changed),
+    "gone" (one PNG deleted), "marker" (a run was stopped in it), "no_report" (PNGs only,
+    one of them a column short)."""
+
+    def setup(c: Ctx) -> None:
+        p = c.t / "p"
+        shutil.copytree(c.w.root / "pseudo", p)
+        if edit == "png":
+            write_label_png(p / "unl001.png", np.zeros((24, 32), np.uint8), PALETTE)
+        elif edit == "gone":
+            (p / "unl001.png").unlink()
+        elif edit == "marker":
+            (p / "calibration.incomplete").write_text("{}")
+        elif edit == "no_report":
+            (p / "calibration.json").unlink()
+            write_label_png(p / "unl001.png", np.zeros((24, 31), np.uint8), PALETTE)
+
+    return setup
+
+
+def link_loop(c: Ctx) -> None:
+    """``ds/m.jsonl``: a copy of the shared dataset whose first image is a link to itself."""
+    ds = c.t / "ds"
+    for sub in ("images", "labels"):
+        shutil.copytree(c.w.root / "ds" / sub, ds / sub)
+    first = json.loads(c.w.manifest.read_text().splitlines()[1])["image"]
+    (ds / first).unlink()
+    (ds / first).symlink_to(Path(first).name)
+    shutil.copy(c.w.manifest, ds / "m.jsonl")
+
+
+def other_dataset(c: Ctx) -> None:
+    """``op``: the pseudo-labels of another dataset (other classes and images)."""
+    mpath, cpath = make_dataset(c.t / "ods", 2, 4, 1, classes=["bg", "x", "y"], topk=2)
+    r = runner.invoke(
+        calibrate_app,
+        ["run", "--manifest", str(mpath), "--cache", str(cpath), "--out-dir", str(c.t / "op")]
+        + ["-q", "--no-plots"],
+    )
+    assert r.exit_code == 0, r.output
+
+
+def owned_by(owner: str, *files: str) -> Callable[[Ctx], None]:
+    """``o``: a folder marked by ``owner`` holding ``files``."""
+
+    def setup(c: Ctx) -> None:
+        (c.t / "o").mkdir()
+        (c.t / "o" / OWNER_FILE).write_text(owner + "\n")
+        for f in files:
+            (c.t / "o" / f).write_bytes(b"x")
+
+    return setup
+
+
+def user_folder(name: str, *files: str) -> Callable[[Ctx], None]:
+    """A folder of the user's, with ``files``."""
+
+    def setup(c: Ctx) -> None:
+        for f in files:
+            (c.t / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (c.t / name / f).write_text("the user's")
 
     return setup
 
@@ -557,6 +673,10 @@ DATA_MANIFEST = [
             shutil.copy(
                 c.w.root / "ds" / "images" / "lab000.png", c.t / "own" / "images" / "a.png"
             ),
+            (c.t / "own" / "labels").mkdir(),
+            shutil.copy(
+                c.w.root / "ds" / "labels" / "lab000.png", c.t / "own" / "labels" / "a.png"
+            ),
             locked("ro")(c),
         ),
     ),
@@ -611,7 +731,232 @@ DATA_MANIFEST = [
     case("unknown_option", "dm", f"validate {M} --fast", "No such option: --fast", code=2),
     case("unknown_command", "dm", "valdate x", "No such command 'valdate'", code=2),
     case("missing_argument", "dm", "validate", "Missing argument 'manifest'", code=2),
+    # nothing lost, nothing silently wrong
+    case(
+        "demo_root_holds_a_dataset",
+        "dm",
+        "demo --root {t}/R --source-labeled 1 --source-val 0 --target-labeled 1",
+        "--out = ",
+        "R: holds files that python -m data_manifest demo did not write (first: 'target')",
+        setup=user_folder("R", "target/classes.txt", "target/manifest.jsonl"),
+    ),
+    case(
+        "prepare_demo_too_large",
+        "dm",
+        "prepare --config {t}/c.toml",
+        "c.toml: [data] demo_target_unlabeled = 1000000000: expected an integer in [0, 100000]",
+        setup=write("c.toml", "[data]\ndemo = true\ndemo_target_unlabeled = 1000000000\n"),
+    ),
+    case(
+        "split_seed_negative",
+        "dm",
+        f"split {M} --labeled 2 --seed -5 -o {{t}}/o.jsonl",
+        "--seed = -5: expected an integer in [0, 4294967295]",
+    ),
+    case("demo_seed_negative", "dm", "demo --out {t}/d --seed -5", "--seed = -5: expected"),
+    case(
+        "validate_link_loop",
+        "dm",
+        "validate {t}/ds/m.jsonl",
+        "file is a symbolic link to nothing (a loop, or its target is gone); expected an "
+        "existing image",
+        setup=link_loop,
+        style="problems",
+    ),
+    case(
+        "config_is_a_folder",
+        "dm",
+        "prepare --config {t}",
+        "is a folder; expected a config file",
+    ),
+    case(
+        "config_with_bom",
+        "dm",
+        "prepare --config {t}/c.toml",
+        "c.toml: [data] demo_gap = 3",
+        absent=("invalid TOML",),
+        setup=bom_config("[data]\ndemo = true\ndemo_gap = 3\n"),
+    ),
+    # data in: what the builders take from a folder, and what they refuse
+    case(
+        "build_folder_duplicate_class_name",
+        "dm",
+        "build folder {t}/own",
+        "own/classes.txt:3: class name 'wall' is also on an earlier line; expected each class once",
+        setup=lambda c: own_folder(c, classes="backdrop\nwall\nwall\n"),
+    ),
+    case(
+        "build_folder_jpeg_label",
+        "dm",
+        "build folder {t}/own",
+        "own/labels/a.jpg: label is a JPEG file, a lossy format",
+        "expected a lossless PNG of class indices",
+        setup=lambda c: own_folder(c, label="a.jpg"),
+    ),
+    case(
+        "build_folder_labels_named_mask",
+        "dm",
+        "build folder {t}/own",
+        "own/labels: no label file matches an image: 1 files (first: labels/a_mask.png)",
+        "expected labels/<name>.png for images/<name>.<ext>",
+        "--label-suffix _mask matches 1 of them",
+        setup=lambda c: own_folder(c, label="a_mask.png"),
+    ),
+    case(
+        "build_folder_no_label_folder",
+        "dm",
+        "build folder {t}/own",
+        "own/labels: label folder not found",
+        "masks/ holds 1 PNG files: --labels masks?",
+        setup=lambda c: own_folder(c, label="a.png", labels="masks"),
+    ),
+    case(
+        "validate_greyscale_jpeg_label",
+        "dm",
+        "validate {t}/own/manifest.jsonl",
+        "label = 'labels/a.jpg': label is a JPEG file, a lossy format",
+        setup=lambda c: manifest_with_label(c, "a.jpg"),
+        style="problems",
+    ),
 ]
+
+
+def own_folder(
+    c: Ctx, classes: str = "background\nthing\n", label: str = "a.png", labels: str = "labels"
+) -> Path:
+    """``{t}/own``: a folder-layout dataset with one image ``images/a.png`` and its label
+    saved as ``<labels>/<label>`` (a greyscale JPEG when the name ends in .jpg)."""
+    root = c.t / "own"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text(classes)
+    shutil.copy(c.w.root / "ds" / "images" / "lab000.png", root / "images" / "a.png")
+    lab = np.asarray(Image.open(c.w.root / "ds" / "labels" / "lab000.png"))
+    (root / labels).mkdir()
+    Image.fromarray(lab.astype(np.uint8), mode="L").save(root / labels / label)
+    return root
+
+
+def manifest_with_label(c: Ctx, label: str) -> None:
+    """``{t}/own/manifest.jsonl`` whose labeled row names ``labels/<label>`` (written by hand,
+    as a builder would refuse a JPEG label)."""
+    root = own_folder(c, label=label)
+    h, w = np.asarray(Image.open(root / "images" / "a.png")).shape[:2]
+    meta = Meta(dataset="own", classes=["background", "thing"], palette=[[0, 0, 0], [9, 9, 9]])
+    row = Row(
+        id="a", image="images/a.png", label=f"labels/{label}", split="labeled", height=h, width=w
+    )
+    from data_manifest import Manifest
+
+    Manifest(meta=meta, rows=[row]).save(root / "manifest.jsonl")
+
+
+def _dm(*args: object) -> object:
+    r = runner.invoke(manifest_app, [str(a) for a in args])
+    assert "Traceback" not in r.output
+    return r
+
+
+def _flat(text: str) -> str:
+    """A table's text without its borders and line breaks (cells wrap long findings)."""
+    return " ".join(re.sub(r"[│┃┏┓┗┛┡┩└┘━─┳┻╇╈┼┬┴]", " ", text).split())
+
+
+def test_build_voc_honours_the_folders_classes_txt(tmp_path: Path) -> None:
+    """A VOC-layout folder with its own 7-class classes.txt: the manifest has those 7 names."""
+    from _data_manifest_fixtures import make_voc
+
+    root = make_voc(tmp_path / "VOC", sbd=())
+    names = ["backdrop", "wall", "lawn", "stones", "animal", "drink", "money"]
+    (root / "classes.txt").write_text("".join(n + "\n" for n in names))
+    r = _dm("build", "voc", root, "--background-index", "0")
+    assert r.exit_code == 0, r.output
+    m = data_manifest.load(root / "manifest.jsonl")
+    assert m.classes == names and len(m.palette) == 7 and m.meta.background_index == 0
+    assert f"7 from {root / 'classes.txt'}" in _flat(r.stdout)
+
+
+def test_build_folder_reports_label_files_it_skips(tmp_path: Path) -> None:
+    """Labels named *_mask.png beside plain ones: the ones that match no image are reported
+    with the reason and the option that would take them; --label-suffix takes them."""
+    from _data_manifest_fixtures import write_grey_label, write_png_image
+
+    root = tmp_path / "own"
+    root.mkdir()
+    (root / "classes.txt").write_text("background\nthing\n")
+    for n in ("a", "b", "c"):
+        write_png_image(root / "images" / f"{n}.png", 4, 5)
+    lab = np.zeros((4, 5), np.uint8)
+    write_grey_label(root / "labels" / "a.png", lab)
+    write_grey_label(root / "labels" / "b_mask.png", lab)
+    write_grey_label(root / "labels" / "c_mask.png", lab)
+    (root / "images" / "notes.txt").write_text("x")
+    r = _dm("build", "folder", root)
+    assert r.exit_code == 0, r.output
+    warnings = [ln for ln in r.stderr.splitlines() if ln.startswith("warning: ")]
+    assert any(
+        "2 files left out: a label file that matches no image" in w
+        and "--label-suffix _mask matches 2 of them" in w
+        and "(first: labels/b_mask.png)" in w
+        for w in warnings
+    ), warnings
+    assert any("1 file left out: not an image (.txt;" in w for w in warnings), warnings
+    m = data_manifest.load(root / "manifest.jsonl")
+    assert [r.id for r in m.split("labeled")] == ["a"]
+    r = _dm("build", "folder", root, "--label-suffix", "_mask", "-o", tmp_path / "m2.jsonl")
+    assert r.exit_code == 0, r.output
+    m2 = data_manifest.load(tmp_path / "m2.jsonl")
+    assert {r.id: r.label for r in m2.split("labeled")} == {
+        "b": "labels/b_mask.png",
+        "c": "labels/c_mask.png",
+    }
+
+
+def test_build_folder_exif_rotated_jpeg_gets_the_readers_size(tmp_path: Path) -> None:
+    """A JPEG whose EXIF orientation turns it by 90°: the manifest row has the size the readers
+    decode (rotated), so validate passes instead of asking to rebuild the manifest."""
+    root = tmp_path / "own"
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("background\nthing\n")
+    im = Image.fromarray(np.full((20, 40, 3), 128, np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    im.save(root / "images" / "a.jpg", exif=exif.tobytes())
+    (root / "labels").mkdir()
+    Image.fromarray(np.zeros((40, 20), np.uint8), mode="L").save(root / "labels" / "a.png")
+    r = _dm("build", "folder", root)
+    assert r.exit_code == 0, r.output
+    m = data_manifest.load(root / "manifest.jsonl")
+    row = m.row("a")
+    assert (row.height, row.width) == m.read_image(row).shape[:2] == (40, 20)
+    r = _dm("validate", root / "manifest.jsonl")
+    assert r.exit_code == 0 and "no problems" in r.stdout, r.output
+
+
+def test_build_folder_summary_says_what_went_where(tmp_path: Path) -> None:
+    """The summary: images per split, labels found, what was left out, and which class is the
+    background, or that none is and what that switches off."""
+    from _data_manifest_fixtures import write_grey_label, write_png_image
+
+    root = tmp_path / "own"
+    root.mkdir()
+    (root / "classes.txt").write_text("backdrop\nthing\n")
+    for n in ("a", "b", "c"):
+        write_png_image(root / "images" / f"{n}.png", 4, 5)
+    write_grey_label(root / "masks" / "a.png", np.zeros((4, 5), np.uint8))
+    r = _dm("build", "folder", root, "--labels", "masks")
+    assert r.exit_code == 0, r.output
+    out = _flat(r.stdout)
+    for text in (
+        "1 labeled, 2 unlabeled, 0 val",
+        "1 in masks/ (2 images without one: unlabeled)",
+        "none (no class is named 'background'): calibrate's foreground preference is off",
+    ):
+        assert text in out, (text, out)
+    assert "if 'backdrop' is the background, rebuild with --background-index 0" in r.stderr
+    r = _dm("build", "folder", root, "--labels", "masks", "--background-index", "0")
+    assert r.exit_code == 0 and "class 0 'backdrop'" in r.stdout and not r.stderr.strip()
+    assert data_manifest.load(root / "manifest.jsonl").meta.background_index == 0
+
 
 ANNOTATE = [
     case("config_missing", "an", "run --config {t}/no.toml", "no.toml: config file not found"),
@@ -620,7 +965,7 @@ ANNOTATE = [
         "batch_size_zero",
         "an",
         f"run {CFG} --batch-size 0",
-        "--batch-size = 0: expected an integer >= 1",
+        "--batch-size = 0: expected an integer in [1, 1024]",
         absent=("run.toml",),
     ),
     case("topk_range", "an", f"run {CFG} --topk 300", "--topk = 300: expected -1 (auto)"),
@@ -667,7 +1012,7 @@ ANNOTATE = [
         "config_batch_size",
         "an",
         "run --config {t}/c.toml",
-        "c.toml: [annotate] batch_size = 0: expected an integer >= 1",
+        "c.toml: [annotate] batch_size = 0: expected an integer in [1, 1024]",
         setup=config("annotate", "batch_size = 0"),
     ),
     case(
@@ -798,6 +1143,56 @@ ANNOTATE = [
     ),
     case("unknown_option", "an", f"run {CFG} --no-progres", "No such option", code=2),
     case("bad_int", "an", f"run {CFG} --batch-size two", "'--batch-size'", code=2),
+    # nothing lost, nothing silently wrong
+    case(
+        "device_mps_missing",
+        "an",
+        f"run {CFG} --device mps",
+        "--device = 'mps': MPS (Apple GPUs) is not available on this machine",
+        absent=("a bug",),
+    ),
+    case(
+        "input_size_huge",
+        "an",
+        f"run {CFG} --input-size 100000x100000",
+        "--input-size = [100000, 100000]: expected [] (each image at its own size) or "
+        "[height, width], both in [8, 8192]",
+    ),
+    case("workers_too_many", "an", f"run {CFG} --workers 100000", "expected an integer in [0, 64]"),
+    case(
+        "model_is_a_folder",
+        "an",
+        f"run {CFG} --model {{t}}",
+        "--model = ",
+        "is a folder; expected a TorchScript file or a trainer checkpoint",
+    ),
+    case(
+        "model_pickle",
+        "an",
+        f"run {CFG} --model {{t}}/p.pt",
+        "p.pt: cannot read checkpoint: it is a plain pickle (pickle.dump), not torch.save's "
+        "format; expected a file written by torch.save",
+        absent=("Warning", "Weights only load failed", "weights_only"),
+        setup=pickle_file("p.pt"),
+    ),
+    case("config_is_a_folder", "an", "run --config {t}", "is a folder; expected a config file"),
+    case(
+        "inspect_missing_chunk",
+        "an",
+        "inspect {t}/c.zarr",
+        "c.zarr: 1 damaged images (first 'unl001': ",
+        f"{UNLABELED_CHUNK}: chunk file missing)",
+        setup=damaged_cache("missing"),
+    ),
+    case(
+        "inspect_bit_flip",
+        "an",
+        "inspect {t}/c.zarr",
+        "c.zarr: 1 damaged images (first 'unl001': ",
+        UNLABELED_CHUNK,
+        absent=("a bug",),
+        setup=damaged_cache("flip"),
+    ),
 ]
 
 CALIBRATE = [
@@ -868,8 +1263,8 @@ CALIBRATE = [
         "evaluate_other_manifest",
         "ca",
         "evaluate {w}/pseudo --manifest {t}/m.jsonl",
-        "calibration.json: manifest fingerprint ",
-        "expected pseudo-labels made from this manifest",
+        "calibration.json: the pseudo-labels were made from another manifest",
+        "expected pseudo-labels made from ",
         setup=variant(edit=move_to_labeled),
     ),
     case(
@@ -970,6 +1365,102 @@ CALIBRATE = [
         setup=write("c.toml", "seed = 1\n"),
     ),
     case("unknown_command", "ca", "evaluat", "No such command", code=2),
+    # nothing lost, nothing silently wrong
+    case(
+        "seed_negative",
+        "ca",
+        f"run {CFG} --seed -5 --cache {C} --out-dir {{t}}/o",
+        "--seed = -5: expected an integer in [0, 4294967295]",
+    ),
+    case(
+        "config_seed_negative",
+        "ca",
+        f"run --config {{t}}/c.toml --cache {C} --out-dir {{t}}/o",
+        "c.toml: seed = -5: expected an integer in [0, 4294967295]",
+        setup=top_seed("-5"),
+    ),
+    *[
+        case(
+            f"cache_chunk_{how}",
+            "ca",
+            f"run {CFG} --cache {{t}}/c.zarr --out-dir {{t}}/o",
+            f"{UNLABELED_CHUNK}: ",
+            "image 'unl001' of the cache",
+            "is damaged",
+            "expected complete image data",
+            absent=("a bug", "Zstd decompression error"),
+            setup=damaged_cache(how),
+        )
+        for how in ("missing", "empty", "truncated", "flip")
+    ],
+    case(
+        "out_dir_not_utf8",
+        "ca",
+        f"run {CFG} --cache {C} --out-dir {{t}}/o\udcff",
+        "--out-dir = ",
+        "o\\xff: the name is not valid UTF-8; expected a path in UTF-8",
+    ),
+    case(
+        "out_dir_of_the_trainer",
+        "ca",
+        f"run {CFG} --cache {C} --out-dir {{t}}/o",
+        "--out-dir = ",
+        "o: written by python -m train fit (see .conformalsam-owner); expected an empty or new "
+        "folder, or one written by python -m calibrate run",
+        setup=owned_by("train fit", "loss.png", "miou.png", "config.toml", "latest.pt"),
+    ),
+    case(
+        "evaluate_edited_png",
+        "ca",
+        "evaluate {t}/p",
+        "unl001.png: differs from the sha256 recorded in calibration.json",
+        setup=pseudo_copy("png"),
+    ),
+    case(
+        "evaluate_png_missing",
+        "ca",
+        "evaluate {t}/p",
+        "unl001.png: listed in calibration.json but missing",
+        setup=pseudo_copy("gone"),
+    ),
+    case(
+        "evaluate_incomplete",
+        "ca",
+        "evaluate {t}/p",
+        "calibration.incomplete: the pseudo-labels are incomplete",
+        setup=pseudo_copy("marker"),
+    ),
+    case(
+        "config_with_bom",
+        "ca",
+        "run --config {t}/c.toml",
+        "c.toml: [calibrate] alpha = 2: expected a number in (0, 1)",
+        setup=bom_config("[calibrate]\nalpha = 2\n"),
+    ),
+    case(
+        "config_alpha_nan",
+        "ca",
+        "run --config {t}/c.toml",
+        "c.toml: [calibrate] alpha = nan: expected finite numbers (no nan or inf)",
+        setup=config("calibrate", "alpha = nan"),
+    ),
+    case(
+        "alphas_inf",
+        "ca",
+        "run --config {t}/c.toml",
+        "c.toml: [calibrate] alphas = [0.1, inf]: expected finite numbers",
+        setup=config("calibrate", "alphas = [0.1, inf]"),
+    ),
+    case("alpha_nan", "ca", f"run {CFG} --alpha nan", "--alpha = nan: expected finite numbers"),
+    case("workers_too_many", "ca", f"run {CFG} --workers 100000", "and at most 256"),
+    case("config_is_a_folder", "ca", "run --config {t}", "is a folder; expected a config file"),
+    case(
+        "config_link_loop",
+        "ca",
+        "run --config {t}/l.toml",
+        "l.toml: config file is a symbolic link to nothing (a loop, or its target is gone)",
+        setup=lambda c: (c.t / "l.toml").symlink_to("l.toml"),
+    ),
 ]
 
 TRAIN = [
@@ -1217,6 +1708,120 @@ TRAIN = [
         "none: pseudo-label folder not found",
     ),
     case("missing_option", "tr", f"evaluate {CFG}", "Missing option '--checkpoint'", code=2),
+    # nothing lost, nothing silently wrong
+    case(
+        "fit_out_is_the_pseudo_dir",
+        "tr",
+        f"fit {CFG} --pseudo-dir {{w}}/pseudo --out {{w}}/pseudo",
+        "--out = ",
+        "pseudo: is the pseudo-label folder; expected another folder for the training run",
+    ),
+    case(
+        "fit_out_of_calibrate",
+        "tr",
+        f"fit {CFG} --pseudo-dir {{w}}/pseudo --out {{t}}/p",
+        "--out = ",
+        "p: written by python -m calibrate run (see .conformalsam-owner)",
+        setup=pseudo_copy(),
+    ),
+    case(
+        "fit_out_holds_user_files",
+        "tr",
+        f"fit {CFG} --out {{t}}/o --labeled-only",
+        "--out = ",
+        "o: holds files that python -m train fit did not write (first: 'notes.txt')",
+        setup=user_folder("o", "notes.txt"),
+    ),
+    case(
+        "seed_negative",
+        "tr",
+        f"fit {CFG} --seed -5 --out {{t}}/o",
+        "--seed = -5: expected an integer in [0, 4294967295]",
+    ),
+    case(
+        "config_seed_negative",
+        "tr",
+        "fit --config {t}/c.toml --out {t}/o",
+        "c.toml: seed = -5: expected an integer",
+        setup=top_seed("-5"),
+    ),
+    case(
+        "config_lr_nan",
+        "tr",
+        "fit --config {t}/c.toml --out {t}/o",
+        "c.toml: [train] lr = nan: expected finite numbers (no nan or inf)",
+        setup=config("train", "lr = nan"),
+    ),
+    case(
+        "config_scale_max_inf",
+        "tr",
+        "fit --config {t}/c.toml --out {t}/o",
+        "c.toml: [train] scale_max = inf: expected finite numbers",
+        absent=("a bug",),
+        setup=config("train", "scale_max = inf"),
+    ),
+    case(
+        "config_scale_max_huge",
+        "tr",
+        "fit --config {t}/c.toml --out {t}/o",
+        "c.toml: [train] scale_max = 100.0: expected at most 8",
+        setup=config("train", "scale_max = 100.0"),
+    ),
+    case(
+        "config_crop_huge",
+        "tr",
+        "fit --config {t}/c.toml --out {t}/o",
+        "c.toml: [train] crop = 100000: expected at most 4096",
+        setup=config("train", "crop = 100000"),
+    ),
+    case(
+        "pseudo_of_another_manifest",
+        "tr",
+        f"fit {CFG} --manifest {{t}}/m.jsonl --pseudo-dir {{w}}/pseudo --out {{t}}/o",
+        "calibration.json: the pseudo-labels were made from another manifest",
+        setup=variant(edit=move_to_labeled),
+    ),
+    case(
+        "pseudo_of_another_dataset",
+        "tr",
+        f"fit {CFG} --pseudo-dir {{t}}/op --out {{t}}/o",
+        "op/calibration.json: the pseudo-labels were made from another manifest (",
+        "ods/manifest.jsonl",
+        absent=("no pseudo-label for",),
+        setup=other_dataset,
+    ),
+    case(
+        "pseudo_png_size",
+        "tr",
+        f"fit {CFG} --pseudo-dir {{t}}/p --out {{t}}/o",
+        "unl001.png: pseudo-label is 24x31 (HxW); expected 24x32",
+        setup=pseudo_copy("no_report"),
+    ),
+    case(
+        "export_splits_incomplete_pseudo",
+        "tr",
+        f"export-splits {CFG} --pseudo-dir {{t}}/p --out {{t}}/s",
+        "the pseudo-labels are incomplete",
+        setup=pseudo_copy("marker"),
+    ),
+    case(
+        "predict_out_holds_user_files",
+        "tr",
+        f"predict {CFG} --checkpoint {{w}}/ckpt.pt --out {{t}}/labels",
+        "--out = ",
+        "labels: holds files that python -m train predict did not write (first: 'val000.png')",
+        setup=user_folder("labels", "val000.png"),
+    ),
+    case(
+        "checkpoint_pickle",
+        "tr",
+        f"evaluate {CFG} --checkpoint {{t}}/p.pt",
+        "p.pt: cannot read checkpoint: it is a plain pickle (pickle.dump), not torch.save's "
+        "format; expected a file written by torch.save (e.g. python -m train fit)",
+        absent=("Warning", "Weights only load failed", "weights_only"),
+        setup=pickle_file("p.pt"),
+    ),
+    case("config_is_a_folder", "tr", "fit --config {t}", "is a folder; expected a config file"),
 ]
 
 CASES = [
@@ -1483,7 +2088,7 @@ def test_output_to_a_file_has_no_bars_no_wrapping_no_blank_lines(
     assert p.returncode == 0, p.stderr
     for stream in (p.stdout, p.stderr):
         assert stream and not stream.startswith("\n") and "\x1b[" not in stream
-    assert "figures at alpha = 0.05 (target coverage 0.95)\n" in p.stdout
+    assert "prediction sets at alpha = 0.05 (target coverage 0.95)\n" in p.stdout
     assert any(str(out) in line for line in p.stdout.splitlines())  # the long path: one line
     lines = p.stderr.strip().splitlines()
     assert lines and all(PROGRESS_LINE.match(ln) for ln in lines), lines
@@ -1534,3 +2139,317 @@ def test_progress_off_a_terminal_prints_plain_lines(monkeypatch, capsys) -> None
         bar.add_task("silent", total=1, rate="")
     assert capsys.readouterr().err == ""
     cs.reset_state()
+
+
+# -- nothing lost: ownership, one writer at a time, integrity ----------------------------------
+HOLD = """
+import sys, time
+from data_manifest.ownership import writer_lock
+lock = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
+part = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] else None
+with writer_lock(sys.argv[1], lock=lock, part=part):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold(folder: Path, lock: Path | None = None, part: str | None = None) -> subprocess.Popen:
+    """Another process holding a writer lock, as a running stage would."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder), str(lock or ""), part or ""],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()  # SIGKILL: no clean-up of any kind
+    proc.wait(timeout=30)
+    proc.stdout.close()
+
+
+def _calibrate(world: World, out: Path, *extra: str) -> object:
+    return runner.invoke(
+        calibrate_app,
+        ["run", "--config", str(world.root / "run.toml"), "--cache", str(world.cache)]
+        + ["--out-dir", str(out), "-q", *extra],
+    )
+
+
+def test_a_second_calibrate_run_is_refused_and_a_killed_one_leaves_no_lock(
+    world: World, tmp_path: Path
+) -> None:
+    out = tmp_path / "p"
+    shutil.copytree(world.root / "pseudo", out)
+    before = _stat_digest(out)
+    holder = _hold(out)
+    try:
+        r = _calibrate(world, out)
+        assert r.exit_code == 1, r.output
+        line = r.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {out}: another run is writing it (pid {holder.pid} on ")
+        assert "expected one writer at a time: wait for it to finish" in line
+    finally:
+        _kill(holder)
+    assert {k: v for k, v in _stat_digest(out).items() if "lock" not in k} == before
+    r = _calibrate(world, out)  # the killed holder's lock does not stay
+    assert r.exit_code == 0, r.output
+    assert not (out / ".conformalsam.lock").exists()
+
+
+def test_annotate_runs_on_one_cache_one_at_a_time(world: World, tmp_path: Path) -> None:
+    """A whole run excludes every other writer; shards of one count run side by side."""
+    from annotate.cache import writer_lock
+
+    cache = world.root / "run" / "cache.zarr"
+    lock = cache.parent / f".{cache.name}.lock"
+    base = ["run", "--config", str(world.root / "run.toml"), "-q"]
+    holder = _hold(cache, lock)
+    try:
+        for extra in ([], ["--shard", "1/2"]):
+            r = runner.invoke(annotate_app, base + extra)
+            assert r.exit_code == 1, r.output
+            assert "another run is writing it" in r.stderr, r.stderr
+    finally:
+        _kill(holder)
+    holder = _hold(cache, lock, "0-of-2")
+    try:
+        r = runner.invoke(annotate_app, base + ["--shard", "1/2"])
+        assert r.exit_code == 0, r.output
+        r = runner.invoke(annotate_app, base)
+        assert r.exit_code == 1 and f"pid {holder.pid} " in r.stderr, r.stderr
+    finally:
+        _kill(holder)
+    with writer_lock(cache, (0, 2)), writer_lock(cache, (1, 2)):  # in one process too
+        with pytest.raises(UserError, match="another run is writing it"):
+            with writer_lock(cache):
+                pass
+    assert not list(cache.parent.glob(".*.lock*"))
+
+
+def test_a_missing_chunk_is_named_reported_and_annotated_again(
+    world: World, tmp_path: Path
+) -> None:
+    """It used to give an all-255 pseudo-label PNG, exit 0, and stay missing for good."""
+    from _annotate_fixtures import tree_bytes
+
+    shutil.copytree(world.root / "run", tmp_path / "run")
+    cache = tmp_path / "run" / "cache.zarr"
+    good = tree_bytes(cache)
+    chunk_key = next(k for k in good if k.startswith("images/im-unl001/") and "/c/" in k)
+    (cache / chunk_key).unlink()
+    r = runner.invoke(annotate_app, ["inspect", str(cache)])
+    assert r.exit_code == 1 and "damaged images" in r.stdout, r.output
+    assert f"{chunk_key}: chunk file missing" in r.stderr
+    r = _calibrate(world, tmp_path / "p", "--cache", str(cache))
+    assert r.exit_code == 1 and "image 'unl001' of the cache" in r.stderr, r.output
+    assert not (tmp_path / "p").exists()
+    args = ["run", "--config", str(world.root / "run.toml"), "--run-dir", str(tmp_path / "run")]
+    r = runner.invoke(annotate_app, args)
+    assert r.exit_code == 0, r.output
+    assert "damaged images, annotated again" in r.stdout
+    report = json.loads((tmp_path / "run" / "annotate.json").read_text())
+    assert [d["id"] for d in report["repaired"]] == ["unl001"]
+    assert tree_bytes(cache) == good
+    # a changed bit keeps every size: found when the data is decoded (--verify)
+    chunk = cache / chunk_key
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    r = runner.invoke(annotate_app, [*args, "-q"])
+    assert r.exit_code == 0 and tree_bytes(cache) != good
+    r = runner.invoke(annotate_app, [*args, "-q", "--verify"])
+    assert r.exit_code == 0, r.output
+    assert tree_bytes(cache) == good
+
+
+def test_calibrate_removes_only_the_pngs_it_wrote(world: World, tmp_path: Path) -> None:
+    """A trainer's loss.png and miou.png left in a calibrate folder (by a version that let
+    train fit write there) are not calibrate's orphans."""
+    out = tmp_path / "p"
+    shutil.copytree(world.root / "pseudo", out)
+    for name in ("loss.png", "miou.png"):
+        (out / name).write_bytes(b"the trainer's plot")
+    r = _calibrate(world, out)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "run.json").read_text())["removed_orphans"] == 0
+    for name in ("loss.png", "miou.png"):
+        assert (out / name).read_bytes() == b"the trainer's plot"
+
+
+def test_train_fit_leaves_a_calibrate_folder_alone(world: World, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    shutil.copytree(world.root / "pseudo", out)
+    before = _stat_digest(out)
+    r = runner.invoke(
+        train_app,
+        ["fit", "--config", str(world.root / "run.toml"), "--pseudo-dir", str(out)]
+        + ["--out", str(out), "-q"],
+    )
+    assert r.exit_code == 1 and "is the pseudo-label folder" in r.stderr, r.output
+    assert _stat_digest(out) == before
+
+
+def test_two_caches_in_one_folder_keep_their_own_reports(world: World, tmp_path: Path) -> None:
+    base = ["run", "--config", str(world.root / "run.toml"), "-q"]
+    for name, splits in (("a.zarr", "labeled"), ("b.zarr", "val")):
+        r = runner.invoke(
+            annotate_app, [*base, "--cache", str(tmp_path / name), "--splits", splits]
+        )
+        assert r.exit_code == 0, r.output
+    for name, split in (("a.zarr", "labeled"), ("b.zarr", "val")):
+        report = json.loads((tmp_path / f"{name}.annotate.json").read_text())
+        assert report["cache"] == str(tmp_path / name)
+        assert list(report["planned"]) == [split]
+        resolved = (tmp_path / f"{name}.annotate.toml").read_text()
+        assert f'splits = ["{split}"]' in resolved
+    assert not (tmp_path / "annotate.json").exists()
+    r = runner.invoke(annotate_app, ["show", str(tmp_path / "b.zarr"), "val000"])
+    assert r.exit_code == 0, r.output  # finds its manifest in b.zarr.annotate.toml
+
+
+def test_a_cache_without_images_takes_the_corrected_settings(world: World, tmp_path: Path) -> None:
+    """A run stopped before its first image (here: an unreadable image) does not keep the
+    corrected run from using the same cache."""
+    m = manifest_variant(Ctx(world, tmp_path, None), edit=set_row(image="images/none.png"))
+    cache = tmp_path / "c.zarr"
+    base = ["run", "--config", str(world.root / "run.toml"), "--cache", str(cache), "-q"]
+    r = runner.invoke(annotate_app, [*base, "--manifest", str(m), "--input-size", "16x16"])
+    assert r.exit_code == 1 and "none.png" in r.stderr, r.output
+    assert (cache / "zarr.json").is_file()
+    r = runner.invoke(annotate_app, base)
+    assert r.exit_code == 0, r.output
+    from annotate.cache import open_cache
+
+    assert open_cache(cache).meta.extra["settings"]["input_size"] == []
+
+
+def test_train_fit_says_when_the_pseudo_labels_keep_nothing(world: World, tmp_path: Path) -> None:
+    import hashlib
+
+    from data_manifest.manifest import load
+
+    p = tmp_path / "p"
+    shutil.copytree(world.root / "pseudo", p)
+    report = json.loads((p / "calibration.json").read_text())
+    for row in load(world.manifest).split("unlabeled"):
+        png = p / f"{row.id}.png"
+        write_label_png(png, np.full((row.height, row.width), 255, np.uint8), PALETTE)
+        report["pngs"][row.id] = hashlib.sha256(png.read_bytes()).hexdigest()
+    report["unlabeled"]["kept_pixels"], report["unlabeled"]["kept_fraction"] = 0, 0.0
+    (p / "calibration.json").write_text(json.dumps(report))
+    r = runner.invoke(
+        train_app,
+        ["fit", "--config", str(world.root / "run.toml"), "--pseudo-dir", str(p)]
+        + ["--out", str(tmp_path / "t"), "--no-stage2", "-q"],
+    )
+    assert r.exit_code == 0, r.output
+    assert "the pseudo-labels keep 0 % of the unlabeled pixels" in r.stderr, r.stderr
+
+
+def test_folder_ownership_rules(tmp_path: Path) -> None:
+    from data_manifest.ownership import check_claim, claim, holding, owner_of
+
+    claim(tmp_path / "new", "train fit", "--out")
+    assert owner_of(tmp_path / "new") == "train fit"
+    check_claim(tmp_path / "new", "train fit", "--out")
+    with pytest.raises(UserError, match="written by python -m train fit"):
+        check_claim(tmp_path / "new", "calibrate run", "--out-dir")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "evaluation.json").write_text("{}")
+    with pytest.raises(UserError, match="holds files that python -m calibrate evaluate did not"):
+        check_claim(tmp_path / "old", "calibrate evaluate", "--out-dir")
+    (tmp_path / "old" / "risk_coverage.png").write_bytes(b"")
+    claim(
+        tmp_path / "old",
+        "calibrate evaluate",
+        "--out-dir",
+        holding("evaluation.json", "risk_coverage.png"),
+    )
+    assert owner_of(tmp_path / "old") == "calibrate evaluate"
+
+
+def test_a_diverging_run_stops_with_one_line(world: World, tmp_path: Path) -> None:
+    """A valid-looking learning rate that makes the loss nan must not end in exit 0 with a
+    meaningless best.pt."""
+    config("train", "lr = 1e10")(Ctx(world, tmp_path, None))
+    r = runner.invoke(
+        train_app,
+        ["fit", "--config", str(tmp_path / "c.toml"), "--pseudo-dir", str(world.root / "pseudo")]
+        + ["--out", str(tmp_path / "o"), "-q"],
+    )
+    assert r.exit_code == 1, r.output
+    line = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: .*metrics\.jsonl: loss = nan at iteration \d+; expected finite losses: the run "
+        r"diverged \(try a lower \[train\] lr\); the checkpoints hold the last state saved before",
+        line,
+    ), line
+    assert "NaN" not in (tmp_path / "o" / "metrics.jsonl").read_text()
+
+
+def test_pseudo_labels_changed_during_training_are_not_exit_0(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers write nothing into calibrate's folder, so they take no lock; a folder that a
+    calibrate run rewrote while the trainer read it is reported when the run ends."""
+    p = tmp_path / "p"
+    shutil.copytree(world.root / "pseudo", p)
+
+    def fit_while_calibrate_rewrites(*args: object, **kwargs: object) -> None:
+        r = _calibrate(world, p, "--alpha", "0.3")
+        assert r.exit_code == 0, r.output
+
+    monkeypatch.setattr("train.trainer.fit", fit_while_calibrate_rewrites)
+    r = runner.invoke(
+        train_app,
+        ["fit", "--config", str(world.root / "run.toml"), "--pseudo-dir", str(p)]
+        + ["--out", str(tmp_path / "t"), "-q"],
+    )
+    assert r.exit_code == 1, r.output
+    run = f"the run in {tmp_path / 't'}"
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: {p}: a calibrate run changed the pseudo-labels while {run} read them; "
+        f"expected them unchanged ({run} mixed two sets): train again with --restart once "
+        "the folder is complete"
+    )
+
+
+FORK_AND_DIE = """
+import os, sys, time
+from data_manifest.ownership import writer_lock
+held = writer_lock(sys.argv[1])
+held.__enter__()
+child = os.fork()  # as a DataLoader worker is forked
+if child == 0:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1), os.dup2(null, 2)  # the test reads the parent's output to its end
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_lock_does_not_outlive_its_holder_in_a_forked_child(tmp_path: Path) -> None:
+    """A killed trainer's DataLoader workers may live on for seconds: they must not keep the
+    run folder locked (the resumed run would be refused)."""
+    from data_manifest.ownership import writer_lock
+
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_AND_DIE, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    child = int(proc.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # still alive
+        with writer_lock(tmp_path):
+            pass
+    finally:
+        os.kill(child, 9)

@@ -103,7 +103,9 @@ def test_domain_gap_parameter() -> None:
 def test_demo_params_checked() -> None:
     with pytest.raises(ValueError, match=r"demo_gap = 1.5: expected a number in \[0, 1\]"):
         DemoParams(gap=1.5)
-    with pytest.raises(ValueError, match="demo_target_labeled = 0: expected at least 1"):
+    with pytest.raises(
+        ValueError, match="demo_target_labeled = 0: expected an integer in \\[1, 100000\\]"
+    ):
         DemoParams(target_labeled=0)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from _train_fixtures import PALETTE, make_dataset
 from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler
 
 from data_manifest.errors import UserError
 from data_manifest.io import encode_label_png
@@ -22,7 +23,7 @@ from train.data import (
     check_labels,
     make_joint_loader,
 )
-from train.losses import cutmix, masked_ce
+from train.losses import masked_ce
 from train.metrics import confusion, iou_per_class, summarize
 from train.schedule import lambda_at, make_plan, poly_factor, unlabeled_weight
 
@@ -54,16 +55,24 @@ def test_augmentation_is_a_function_of_position(tmp_path):
         m,
         m.split("unlabeled"),
         "pseudo",
-        Augment(24, 0.5, 2.0, strong=True),
+        Augment(24, 0.5, 2.0, strong_views=2),
         seed=5,
         stream=STREAM_UNLABELED,
         pseudo_dir=tmp_path / "pseudo",
     )
     a, b, c = ds[(2, 17)], ds[(2, 17)], ds[(2, 18)]
-    for key in ("image", "label", "strong"):
+    for key in ("image", "label", "strong", "box"):
         assert torch.equal(a[key], b[key])
     assert a["image"].shape == (3, 24, 24) and a["image"].dtype == torch.uint8
     assert a["label"].dtype == torch.int64
+    assert a["strong"].shape == (2, 3, 24, 24) and a["box"].shape == (2, 24, 24)
+    assert a["box"].dtype == torch.bool
+    # a second draw of the same position: the same image, augmented independently
+    again = SegDataset(
+        m, m.split("unlabeled"), "pseudo", ds.aug, 5, STREAM_UNLABELED, tmp_path / "pseudo", draw=1
+    )
+    assert torch.equal(again[(2, 17)]["image"], again[(2, 17)]["image"])
+    assert not torch.equal(again[(2, 17)]["image"], a["image"])
     assert not torch.equal(a["image"], c["image"])
     assert set(torch.unique(a["label"]).tolist()) <= {0, 1, 2, 255}
     # workers or not, the loader yields the same batches
@@ -102,7 +111,7 @@ def test_check_labels_reports_each_bad_input(tmp_path):
     )
     with pytest.raises(
         UserError,
-        match=r"unlabeled_002\.png: pseudo-label is 32x20 px; "
+        match=r"unlabeled_002\.png: pseudo-label is 20x32 \(HxW\); "
         r"expected 32x32 like image 'unlabeled_002'",
     ):
         check_labels(m, unl, pseudo, read_values=False)
@@ -132,11 +141,20 @@ def test_lambda_schedule_and_poly():
     assert poly_factor(50, 100, 0.9) == pytest.approx(0.5**0.9)
 
 
+def _unimatch_iters_per_epoch(n: int, batch: int, world: int) -> int:
+    """len() of a loader as UniMatch builds it: DistributedSampler, then drop_last=True."""
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=0, shuffle=True)
+    return len(DataLoader(range(n), batch_size=batch, sampler=sampler, drop_last=True))
+
+
 def test_plan_counts_epochs_over_the_unlabeled_split():
     cfg = TrainConfig(batch_size=4, accum_steps=2, stage1_length=3, stage2_length=2)
     plan = make_plan(cfg, n_labeled=5, n_unlabeled=33, world=2)
-    assert plan.iters_per_epoch == math.ceil(33 / 16)
-    assert (plan.stage1_iters, plan.stage2_iters) == (9, 6)
+    assert plan.iters_per_epoch == _unimatch_iters_per_epoch(33, 4 * 2, 2) == 2
+    assert (plan.stage1_iters, plan.stage2_iters) == (6, 4)
+    for n, batch, world in [(92, 2, 4), (95, 2, 4), (10_490, 8, 1), (1_323, 2, 3), (7, 8, 1)]:
+        got = make_plan(TrainConfig(batch_size=batch), 4, n, world).iters_per_epoch
+        assert got == max(1, _unimatch_iters_per_epoch(n, batch, world)), (n, batch, world)
     off = make_plan(TrainConfig(stage1_length=3, stage2=False, length_unit="iters"), 5, 33)
     assert (off.stage1_iters, off.stage2_iters) == (3, 0)
     lo = make_plan(
@@ -157,21 +175,6 @@ def test_masked_ce_ignores_255_and_weights():
     assert masked_ce(logits, torch.full_like(target, 255)).item() == 0.0
 
 
-def test_cutmix_pastes_boxes_from_the_next_sample():
-    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 16, 16)
-    target = torch.arange(4).view(4, 1, 1).expand(4, 16, 16)
-    weight = torch.ones(4, 16, 16)
-    out, tgt, _ = cutmix(images, target, weight, 1.0, torch.Generator().manual_seed(0))
-    for i in range(4):
-        src = (i - 1) % 4
-        pasted = tgt[i] == src
-        assert 0 < pasted.sum() < 256
-        assert torch.equal(out[i, 0] == src, pasted)  # images and targets mixed alike
-        assert set(tgt[i].unique().tolist()) == {i, src}
-    same, _, _ = cutmix(images, target, weight, 0.0, torch.Generator().manual_seed(0))
-    assert torch.equal(same, images)
-
-
 def test_confusion_and_iou_against_hand_counts():
     target = np.array([[0, 0, 1, 1], [2, 2, 255, 1]])
     pred = np.array([[0, 1, 1, 1], [2, 0, 2, 2]])
@@ -186,25 +189,34 @@ def test_confusion_and_iou_against_hand_counts():
     assert s["acc"] == pytest.approx(4 / 7) and s["iou"]["d"] is None
 
 
-def test_weak_strong_threshold_defaults_to_unimatch_s():
-    assert TrainConfig(stage2_mode="weak_strong").stage2_threshold == 0.95  # conf_thresh
-    assert TrainConfig(stage2_mode="self").stage2_threshold == 0.0
-    assert TrainConfig(stage2_mode="weak_strong", stage2_threshold=0.0).stage2_threshold == 0.0
+def test_stage2_modes_default_to_unimatch_s_threshold_and_weight():
+    for mode in ("fixmatch", "unimatch"):  # conf_thresh 0.95, (loss_x + loss_u) / 2
+        cfg = TrainConfig(stage2_mode=mode)
+        assert (cfg.stage2_threshold, cfg.lambda0, cfg.lambda_decay) == (0.95, 0.5, 0.0)
+    cfg = TrainConfig(stage2_mode="self")
+    assert (cfg.stage2_threshold, cfg.lambda_decay) == (0.0, 3.0)
+    cfg = TrainConfig(stage2_mode="unimatch", stage2_threshold=0.0, lambda_decay=2.0)
+    assert (cfg.stage2_threshold, cfg.lambda_decay) == (0.0, 2.0)
     with pytest.raises(ValueError, match=r"stage2_threshold = 1\.0: expected a number in \[0, 1\)"):
         TrainConfig(stage2_threshold=1.0)
+    with pytest.raises(ValueError, match=r'stage2_mode = "weak_strong" was renamed "fixmatch"'):
+        TrainConfig(stage2_mode="weak_strong")
+    with pytest.raises(ValueError, match=r"stage2_mode = 'mean_teacher': expected one of \"self\""):
+        TrainConfig(stage2_mode="mean_teacher")
 
 
 def test_labeled_only_baseline_follows_unimatch_supervised_schedule():
-    """VOC classic 1/16: 92 labeled and 10,582 unlabeled images, 8 images per iteration. The
-    semi-supervised run counts epochs over the unlabeled split; the baseline, like UniMatch's
-    supervised.py, over the labeled one: 60 + 20 = 80 epochs of ceil(92 / 8) = 12."""
-    semi = make_plan(TrainConfig(batch_size=8), n_labeled=92, n_unlabeled=10_582)
-    assert semi.iters_per_epoch == 1323 and semi.total == 80 * 1323
-    base = make_plan(TrainConfig(batch_size=8, labeled_only=True), 92, 10_582)
-    assert base.iters_per_epoch == 12 and (base.stage1_iters, base.stage2_iters) == (960, 0)
-    assert base.eval_every == 12  # once per (labeled) epoch, as supervised.py evaluates
-    ddp = make_plan(TrainConfig(batch_size=2, labeled_only=True), 92, 10_582, world=4)
-    assert ddp == base  # 2 per GPU x 4 GPUs is the same schedule
+    """VOC classic 1/16: 92 labeled and 10,490 unlabeled images, 2 per GPU on 4 GPUs
+    (configs/pascal.yaml). The semi-supervised run counts epochs over the unlabeled split; the
+    baseline, like UniMatch's supervised.py, over the labeled one: 60 + 20 = 80 epochs of
+    ⌊⌈92 / 4⌉ / 2⌋ = 11 iterations (drop_last), 880 in all (not 960)."""
+    semi = make_plan(TrainConfig(batch_size=2), n_labeled=92, n_unlabeled=10_490, world=4)
+    assert semi.iters_per_epoch == 1311 and semi.total == 80 * 1311
+    base = make_plan(TrainConfig(batch_size=2, labeled_only=True), 92, 10_490, world=4)
+    assert base.iters_per_epoch == 11 and (base.stage1_iters, base.stage2_iters) == (880, 0)
+    assert base.eval_every == 11  # once per (labeled) epoch, as supervised.py evaluates
+    one_gpu = make_plan(TrainConfig(batch_size=8, labeled_only=True), 92, 10_490)
+    assert one_gpu == base  # 8 on one GPU is the same schedule
 
 
 def test_loss_weights_sum_to_one_and_meet_at_the_stage_switch():
@@ -220,9 +232,10 @@ def test_loss_weights_sum_to_one_and_meet_at_the_stage_switch():
 
 
 def test_labels_are_resized_centre_aligned_like_the_image(tmp_path):
-    """A column ramp (image value 8·col, label = col) scaled by 1/3: bilinear samples the image
-    at source column 3x + 1 (the destination pixel's centre); the label must come from the same
-    column, not 3x (INTER_NEAREST's half-pixel shift), so label·8 equals the image."""
+    """A column ramp (image value 8·col, label = col) scaled by 1/3: bilinear (PIL's, a
+    triangle filter 3 columns wide) gives source column 3x + 1 (the destination pixel's centre)
+    away from the borders; the label must come from the same column, not 3x (a half-pixel
+    shift), so label·8 equals the image there."""
     w = 30
     img = np.repeat((np.arange(w) * 8).astype(np.uint8)[None, :, None], w, 0).repeat(3, 2)
     lab = np.repeat(np.arange(w, dtype=np.uint8)[None], w, 0)
@@ -239,7 +252,8 @@ def test_labels_are_resized_centre_aligned_like_the_image(tmp_path):
     ds = SegDataset(m, m.split("labeled"), "gt", Augment(10, 1 / 3, 1 / 3), 0, 0)
     for position in range(4):  # flipped or not, label and image stay aligned
         item = ds[(0, position)]
-        assert torch.equal(item["label"] * 8, item["image"][0].long())
+        label, image = item["label"][:, 1:-1], item["image"][0, :, 1:-1].long()
+        assert torch.equal(label * 8, image)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])

@@ -190,7 +190,7 @@ def test_no_stage2_and_labeled_only(tiny, tmp_path):
         tmp_path / "run2",
         stage1_length=0,
         stage2_length=2,
-        stage2_mode="weak_strong",
+        stage2_mode="fixmatch",
         stage2_threshold=0.5,
     )
     r = _fit(cfg2, manifest)
@@ -217,7 +217,7 @@ def test_segformer_trains_end_to_end_through_the_command_line(tiny, tmp_path):
         stage1_length=2,
         stage2_length=2,
         eval_every=4,
-        stage2_mode="weak_strong",
+        stage2_mode="unimatch",
     )
     out = tmp_path / "segformer"
     env = {**os.environ, **SUBPROCESS_ENV}
@@ -239,9 +239,11 @@ def test_segformer_trains_end_to_end_through_the_command_line(tiny, tmp_path):
         assert model(torch.zeros(1, 3, 32, 48)).shape == (1, 3, 32, 48)
 
 
-def test_segformer_resumes_exactly_despite_dropout_and_drop_path(tiny, tmp_path):
-    """SegFormer trains with dropout and drop path (torch's generator): a run cut short in
-    Stage II and resumed ends with the bytes of an uninterrupted run."""
+@pytest.mark.parametrize("mode", ["self", "unimatch"])
+def test_segformer_resumes_exactly_despite_dropout_and_drop_path(tiny, tmp_path, mode):
+    """SegFormer trains with dropout and drop path (torch's generator; "unimatch" adds the
+    feature perturbation's dropout): a run cut short in Stage II and resumed ends with the
+    bytes of an uninterrupted run."""
     base, manifest = tiny
     folder = save_tiny_mit(tmp_path / "mit-tiny")
     cfg = _tiny_config(
@@ -250,6 +252,8 @@ def test_segformer_resumes_exactly_despite_dropout_and_drop_path(tiny, tmp_path)
         stage1_length=2,
         stage2_length=2,
         save_every=1,
+        stage2_mode=mode,
+        stage2_threshold=0.5,
     )
     m = load(manifest)
     kw = dict(pseudo_dir=base / "run" / "pseudo" / "cp", seed=3, show_progress=False)
@@ -315,7 +319,7 @@ def test_bad_inputs_give_one_line(tiny, tmp_path):
         )
     r = _fit(cfg, manifest, "--pseudo-dir", str(pdir))
     assert r.exit_code == 1
-    assert "unlabeled_000.png: pseudo-label is 31x32 px; expected 32x32" in r.output
+    assert "unlabeled_000.png: pseudo-label is 32x31 (HxW); expected 32x32" in r.output
 
 
 def test_resume_refuses_a_changed_config(fitted, tiny, tmp_path):
@@ -449,7 +453,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(tiny, tmp_path):
         stage2_length=6,
         eval_every=4,
         save_every=2,
-        stage2_mode="weak_strong",
+        stage2_mode="unimatch",
         workers=1,
     )
     env = {**os.environ, **SUBPROCESS_ENV}
@@ -568,7 +572,8 @@ def _ddp_run_and_rerun(tiny, tmp_path: Path, world: int, **train: object) -> Non
 
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu_with_gloo(tiny, tmp_path):
-    _ddp_run_and_rerun(tiny, tmp_path, world=2)
+    """UniMatch's Stage II under DDP: two forward passes (one with need_fp) per backward."""
+    _ddp_run_and_rerun(tiny, tmp_path, world=2, stage2_mode="unimatch", stage2_threshold=0.5)
 
 
 def test_resume_refuses_changed_pseudo_labels(tiny, tmp_path):
@@ -602,7 +607,7 @@ def test_fit_on_cuda_with_amp_and_channels_last(tiny, tmp_path, arch):
         arch=arch,
         stage1_length=2,
         stage2_length=2,
-        stage2_mode="weak_strong",
+        stage2_mode="unimatch",
         device="cuda",
         workers=1,
         **model_keys,
@@ -625,5 +630,5 @@ def test_ddp_on_cuda_through_nccl(tiny, tmp_path):
     code path of a multi-GPU run: process group cpu:gloo,cuda:nccl, DDP, SyncBatchNorm, AMP."""
     world = min(2, torch.cuda.device_count())
     _ddp_run_and_rerun(
-        tiny, tmp_path, world=world, stage2_mode="weak_strong", device="cuda", workers=1
+        tiny, tmp_path, world=world, stage2_mode="unimatch", device="cuda", workers=1
     )

@@ -6,12 +6,8 @@ import pytest
 import torch
 
 from data_manifest.errors import UserError
-from train.inference import (
-    checkpoint_info,
-    load_checkpoint_model,
-    predict_logits,
-    save_checkpoint,
-)
+from train.checkpoint import checkpoint_info, save_checkpoint
+from train.inference import load_checkpoint_model, predict_logits
 from train.models import build_model
 
 TINY = {"aspp_channels": 16, "low_proj": 8, "decoder_channels": 16}

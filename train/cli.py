@@ -5,25 +5,39 @@ Each command's parameters are its command-line options (Typer), hence more than 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from calibrate.folder import check_pseudo_folder, nothing_kept, refuse_changed
+from calibrate.folder import state as pseudo_state
 from data_manifest.cli_support import (
+    check_not_same_file,
     check_output_dir,
     console,
+    err_console,
     handle_errors,
     is_quiet,
     make_app,
     progress,
     rate_text,
 )
-from data_manifest.config import load_config, locate, parse_section, run_dir, section_dict
+from data_manifest.config import (
+    check_seed,
+    load_config,
+    locate,
+    parse_section,
+    run_dir,
+    section_dict,
+)
 from data_manifest.errors import UserError
 from data_manifest.manifest import SPLITS, Manifest, id_path, load
+from data_manifest.ownership import check_claim, claim, writer_lock
 from train.config import TrainConfig
+from train.run_folder import check_out
 
 app = make_app(
     "train",
@@ -48,7 +62,7 @@ def _manifest(cfg: dict[str, Any], override: Path | None) -> Manifest:
 
 
 def _seed(cfg: dict[str, Any], override: int | None) -> int:
-    return override if override is not None else int(cfg.get("seed", 0))
+    return check_seed(override, "--seed") if override is not None else int(cfg.get("seed", 0))
 
 
 @app.command()
@@ -78,6 +92,13 @@ def fit(
             help="Train on the labeled split only (the baseline), same schedule.",
         ),
     ] = None,
+    stage2_mode: Annotated[
+        str | None,
+        typer.Option(
+            help="Stage II: self (own predictions, same view), fixmatch (UniMatch's "
+            "fixmatch.py) or unimatch (UniMatch's unimatch.py)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
     resume: Annotated[
@@ -99,17 +120,31 @@ def fit(
         "pseudo_dir": pseudo_dir,
         "stage2": stage2,
         "labeled_only": labeled_only,
+        "stage2_mode": stage2_mode,
         "device": device,
         "workers": workers,
     }
     options = {"stage2": "--stage2", "labeled_only": "--labeled-only"}
     tcfg = parse_section(cfg, "train", TrainConfig, overrides=overrides, options=options)
+    given = [k for k, v in overrides.items() if v is not None]
+    try:
+        check_limits(tcfg)
+    except UserError as exc:
+        raise UserError(locate(str(exc), cfg, "train", given, options)) from None
     rd = run_dir(cfg, run_dir_opt)
     seed_value = _seed(cfg, seed)
     out_dir = Path(tcfg.out) if tcfg.out else rd / "train"
-    check_output_dir(out_dir, "--out" if out else "[train] out" if tcfg.out else "--run-dir")
-    m = _manifest(cfg, manifest)
+    where = "--out" if out else "[train] out" if tcfg.out else "--run-dir"
+    check_output_dir(out_dir, where)
     pdir = Path(tcfg.pseudo_dir) if tcfg.pseudo_dir else rd / "pseudo" / "cp"
+    check_not_same_file(
+        out_dir,
+        pdir,
+        f"{where} = {out_dir}: is the pseudo-label folder; expected another folder for the "
+        "training run (calibrate's files there must not be replaced)",
+    )
+    check_out(out_dir, where)
+    m = _manifest(cfg, manifest)
     data = dict(cfg.get("data", {}))
     if manifest is not None:
         data["manifest"] = str(manifest)
@@ -121,21 +156,34 @@ def fit(
     }
     from train.trainer import fit as run_fit
 
-    try:
-        run_fit(
-            tcfg,
-            manifest=m,
-            out=out_dir,
-            pseudo_dir=pdir,
-            seed=seed_value,
-            resume=resume,
-            resolved=resolved,
-            show_progress=not is_quiet(),
+    if tcfg.uses_pseudo and nothing_kept(pdir):
+        err_console.print(
+            f"warning: {pdir / 'calibration.json'}: the pseudo-labels keep 0 % of the unlabeled "
+            "pixels, so Stage I learns from the labeled images only (as --labeled-only "
+            "would); calibrate with another alpha or method to use them",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
+    writer = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 writes the folder
+    try:
+        before = pseudo_state(pdir)
+        with writer_lock(out_dir) if writer else contextlib.nullcontext():
+            run_fit(
+                tcfg,
+                manifest=m,
+                out=out_dir,
+                pseudo_dir=pdir,
+                seed=seed_value,
+                resume=resume,
+                resolved=resolved,
+                show_progress=not is_quiet(),
+            )
+        if tcfg.uses_pseudo:
+            refuse_changed(pdir, before, f"the run in {out_dir}", "train again with --restart")
     except UserError as exc:  # "[train] key = ...": name the option or the config file
         if not str(exc).startswith("[train] "):
             raise
-        given = [k for k, v in overrides.items() if v is not None]
         raise UserError(locate(str(exc), cfg, "train", given, options)) from None
     if not is_quiet() and os.environ.get("RANK", "0") == "0":
         console.print(
@@ -148,14 +196,39 @@ def fit(
             )
 
 
+# Upper bounds of the values that size what is held in memory at once: beyond them a typo
+# (crop = 32100, scale_max = 200) exhausts the machine instead of failing.
+LIMITS = {"crop": 4096, "eval_crop": 8192, "batch_size": 1024, "accum_steps": 1024, "workers": 64}
+SCALE_MAX = 8.0  # UniMatch and AllSpark use 2.0
+
+
+def check_limits(cfg: TrainConfig) -> None:
+    """Refuse values that would exhaust the machine rather than train.
+
+    Raises:
+        UserError: ``"[train] key = value: expected ..."`` for the first one out of bounds.
+    """
+    for key, top in LIMITS.items():
+        if getattr(cfg, key) > top:
+            raise UserError(f"[train] {key} = {getattr(cfg, key)}: expected at most {top}")
+    if cfg.scale_max > SCALE_MAX:
+        raise UserError(
+            f"[train] scale_max = {cfg.scale_max}: expected at most {SCALE_MAX:g} (images are "
+            "resized by up to this factor before cropping)"
+        )
+
+
 def _check_inference_options(split: str, mode: str, crop: int, stride: int, device: str) -> None:
     if split not in SPLITS:
         raise UserError(f"--split = {split!r}: expected one of {', '.join(SPLITS)}")
     if mode not in ("whole", "sliding"):
         raise UserError(f"--mode = {mode!r}: expected 'whole' or 'sliding'")
     for name, value in (("--crop", crop), ("--stride", stride)):
-        if value < 1:
-            raise UserError(f"{name} = {value}: expected a positive number of pixels")
+        if not 1 <= value <= LIMITS["eval_crop"]:
+            raise UserError(
+                f"{name} = {value}: expected a positive number of pixels, at most "
+                f"{LIMITS['eval_crop']}"
+            )
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device = {device!r}: expected 'auto', 'cpu' or 'cuda'")
     if device == "cuda":
@@ -267,11 +340,14 @@ def predict(
     cfg = load_config(config)
     out_dir = out or run_dir(cfg, run_dir_opt) / "predict" / split
     check_output_dir(out_dir, "--out" if out else "--run-dir")
+    where = "--out" if out else "--run-dir"
+    check_claim(out_dir, "train predict", where)
     _, m, model, info = _open_checkpoint(config, manifest, checkpoint, device, mode)
     rows = m.split(split)[: limit or None]
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
-    with progress() as bar:
+    with writer_lock(out_dir), progress() as bar:
+        claim(out_dir, "train predict", where)
         task = bar.add_task(f"predict {split}", total=len(rows), rate="")
         for i, row in enumerate(rows):
             x = torch.from_numpy(m.read_image(row)).permute(2, 0, 1)[None].to(dev)
@@ -308,7 +384,9 @@ def export_splits_cmd(
     tcfg = parse_section(cfg, "train", TrainConfig, overrides={"pseudo_dir": pseudo_dir})
     rd = run_dir(cfg, run_dir_opt)
     out_dir = out or rd / "splits"
-    check_output_dir(out_dir, "--out" if out else "--run-dir")
+    where = "--out" if out else "--run-dir"
+    check_output_dir(out_dir, where)
+    check_claim(out_dir, "train export-splits", where)
     m = _manifest(cfg, manifest)
     pdir = Path(tcfg.pseudo_dir) if tcfg.pseudo_dir else rd / "pseudo" / "cp"
     if not pdir.is_dir():
@@ -316,7 +394,10 @@ def export_splits_cmd(
             f"{pdir}: pseudo-label folder not found; expected the output of "
             "python -m calibrate (or --pseudo-dir)"
         )
-    counts = export_splits(m, pdir, out_dir)
+    check_pseudo_folder(pdir, m)
+    with writer_lock(out_dir):
+        claim(out_dir, "train export-splits", where)
+        counts = export_splits(m, pdir, out_dir)
     from data_manifest.cli_support import table
 
     console.print(

@@ -1,12 +1,13 @@
 """The ``[train]`` section of the run config.
 
 Defaults follow UniMatch's DeepLabV3+ recipe for PASCAL VOC (SGD, lr 0.001, 10x on the head,
-momentum 0.9, weight decay 1e-4, poly power 0.9, crop 321, scale 0.5-2.0, confidence 0.95 for
-the weak/strong variant), which AllSpark's SegFormer MiT-B5 runs share (its
-``train_allspark.py`` and ``configs/pascal_allspark.yaml``: the same SGD recipe, crop 513), and
-the paper's schedule (60 epochs Stage I + 20 epochs Stage II on VOC). The Stage II weight
-schedule λ(t) = lambda0 · exp(−lambda_decay · t), the pseudo-label weight, the per-stage batch
-composition and the evaluation cadence are this project's choices; the paper does not give them.
+momentum 0.9, weight decay 1e-4, poly power 0.9, crop 321, scale 0.5-2.0, confidence 0.95 and
+a constant weight 1/2 for the "fixmatch" and "unimatch" Stage II modes), which AllSpark's
+SegFormer MiT-B5 runs share (its ``train_allspark.py`` and ``configs/pascal_allspark.yaml``: the
+same SGD recipe, crop 513), and the paper's schedule (60 epochs Stage I + 20 epochs Stage II on
+VOC). The "self" mode's weight schedule λ(t) = lambda0 · exp(−lambda_decay · t), the
+pseudo-label weight, the per-stage batch composition and the evaluation cadence are this
+project's choices; the paper does not give them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,21 @@ from typing import Literal
 
 from train.models import BUILDERS
 
-# stage2_threshold when unset: UniMatch's conf_thresh for the weak/strong variant, none for "self".
-DEFAULT_THRESHOLD = {"weak_strong": 0.95, "self": 0.0}
+# Stage II modes: what the unlabeled loss is (docs/train.md, "Stage II modes").
+STAGE2_MODES = ("self", "fixmatch", "unimatch")
+# stage2_threshold when unset: UniMatch's conf_thresh (configs/pascal.yaml) for its two modes,
+# none for "self".
+DEFAULT_THRESHOLD = {"self": 0.0, "fixmatch": 0.95, "unimatch": 0.95}
+# lambda_decay when unset: the self-reliance decay for "self"; UniMatch's constant
+# (loss_x + loss_u) / 2 (λ = lambda0 = 1/2) for its two modes.
+DEFAULT_LAMBDA_DECAY = {"self": 3.0, "fixmatch": 0.0, "unimatch": 0.0}
+RENAMED_MODES = {
+    "weak_strong": (
+        'stage2_mode = "weak_strong" was renamed "fixmatch" when it became FixMatch as '
+        "UniMatch's fixmatch.py runs it (targets from the training forward pass, CutMix "
+        'from a second unlabeled batch); expected "self", "fixmatch" or "unimatch"'
+    )
+}
 
 
 @dataclass
@@ -35,10 +49,10 @@ class TrainConfig:
     stage1_length: int = 60
     stage2: bool = True
     stage2_length: int = 20
-    stage2_mode: Literal["self", "weak_strong"] = "self"
+    stage2_mode: str = "self"
     stage2_threshold: float | None = None
     lambda0: float = 0.5
-    lambda_decay: float = 3.0
+    lambda_decay: float | None = None
     pseudo_weight: float = 1.0
     batch_size: int = 8
     accum_steps: int = 1
@@ -91,8 +105,17 @@ class TrainConfig:
                 "stage1_length + stage2_length = 0: expected a run of at least "
                 "one epoch or iteration"
             )
+        if self.stage2_mode in RENAMED_MODES:
+            raise ValueError(RENAMED_MODES[self.stage2_mode])
+        if self.stage2_mode not in STAGE2_MODES:
+            raise ValueError(
+                f"stage2_mode = {self.stage2_mode!r}: expected one of "
+                + ", ".join(f'"{m}"' for m in STAGE2_MODES)
+            )
         if self.stage2_threshold is None:
-            self.stage2_threshold = DEFAULT_THRESHOLD.get(self.stage2_mode, 0.0)
+            self.stage2_threshold = DEFAULT_THRESHOLD[self.stage2_mode]
+        if self.lambda_decay is None:
+            self.lambda_decay = DEFAULT_LAMBDA_DECAY[self.stage2_mode]
         if not 0.0 <= self.stage2_threshold < 1.0:
             raise ValueError(
                 f"stage2_threshold = {self.stage2_threshold}: expected a number in [0, 1)"

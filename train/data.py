@@ -1,29 +1,30 @@
-"""Input pipeline: label checks, OpenCV augmentation in DataLoader workers, resumable sampling.
+"""Input pipeline: label checks, augmentation in DataLoader workers, resumable sampling.
 
 Sampling is a pure function of (seed, stream, position): sample number ``p`` of a stream comes
 from epoch ``p // N`` of a per-epoch permutation seeded by (seed, stream, epoch), and its
-augmentation RNG is seeded by (seed, stream, p). A run resumed at any iteration therefore
-draws exactly the samples and augmentations of an uninterrupted run, whatever the number of
+augmentation RNG is seeded by (seed, stream, p) (and the draw number for a second draw of the
+same samples, the CutMix source of Stage II). A run resumed at any iteration therefore draws
+exactly the samples and augmentations of an uninterrupted run, whatever the number of
 DataLoader workers; with DDP, rank r takes every world-th chunk of ``batch_size`` positions.
+The augmentations themselves are in :mod:`train.augment`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from calibrate.folder import check_complete
+from calibrate.folder import check_pseudo_folder
 from data_manifest.errors import UserError
 from data_manifest.io import read_label_png
 from data_manifest.manifest import Manifest, Row
+from train.augment import Augment, cutmix_box, strong, weak
 from train.config import TrainConfig
 
 STREAM_LABELED = 0
@@ -82,8 +83,8 @@ def check_labels(
                 raise UserError(f"{path}: cannot read {what} image ({exc})") from None
         if tuple(shape) != (row.height, row.width):
             raise UserError(
-                f"{path}: {what} is {shape[1]}x{shape[0]} px; expected "
-                f"{row.width}x{row.height} like image {row.id!r} in the manifest"
+                f"{path}: {what} is {shape[0]}x{shape[1]} (HxW); expected "
+                f"{row.height}x{row.width} like image {row.id!r} in the manifest"
             )
         if read_values:
             bad = (lab >= k) & (lab != 255)
@@ -118,74 +119,8 @@ def check_inputs(cfg: TrainConfig, manifest: Manifest, pseudo_dir: Path) -> None
     check_labels(manifest, labeled, None, cfg.check_labels)
     check_labels(manifest, manifest.split("val"), None, cfg.check_labels)
     if cfg.uses_pseudo:
-        check_complete(pseudo_dir, [r.id for r in unlabeled], verify=cfg.check_labels)
+        check_pseudo_folder(pseudo_dir, manifest, verify=cfg.check_labels)
         check_labels(manifest, unlabeled, pseudo_dir, cfg.check_labels)
-
-
-@dataclass(frozen=True)
-class Augment:
-    """Augmentation settings. Weak: random scale, pad, crop, horizontal flip. Strong (applied
-    on top of weak, image only): colour jitter, random greyscale, Gaussian blur."""
-
-    crop: int
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    strong: bool = False
-
-
-def _weak(
-    image: np.ndarray, label: np.ndarray, aug: Augment, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    scale = rng.uniform(aug.scale_min, aug.scale_max)
-    h, w = label.shape
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    # Both centre-aligned: INTER_NEAREST would take the top-left source pixel, half a pixel off
-    # the image's bilinear samples; INTER_NEAREST_EXACT is PIL's NEAREST (UniMatch's resize).
-    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST_EXACT)
-    ph, pw = max(aug.crop - nh, 0), max(aug.crop - nw, 0)
-    if ph or pw:
-        image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=255)
-    top = int(rng.integers(0, label.shape[0] - aug.crop + 1))
-    left = int(rng.integers(0, label.shape[1] - aug.crop + 1))
-    image = image[top : top + aug.crop, left : left + aug.crop]
-    label = label[top : top + aug.crop, left : left + aug.crop]
-    if rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
-
-
-def _strong(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Colour jitter (p 0.8), greyscale (p 0.2), Gaussian blur (p 0.5); uint8 (H, W, 3) RGB."""
-    img = image.astype(np.float32)
-    if rng.random() < 0.8:
-        ops = rng.permutation(4)
-        b, c, s = (rng.uniform(0.5, 1.5) for _ in range(3))
-        hue = rng.uniform(-0.25, 0.25)
-        for op in ops:
-            if op == 0:
-                img = img * b
-            elif op == 1:
-                grey = (img @ np.array([0.299, 0.587, 0.114], np.float32)).mean()
-                img = (img - grey) * c + grey
-            elif op == 2:
-                grey = img @ np.array([0.299, 0.587, 0.114], np.float32)
-                img = (img - grey[..., None]) * s + grey[..., None]
-            else:
-                hsv = cv2.cvtColor(np.clip(img, 0, 255).astype(np.uint8), cv2.COLOR_RGB2HSV)
-                hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + int(hue * 180)) % 180).astype(
-                    np.uint8
-                )
-                img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).astype(np.float32)
-            img = np.clip(img, 0, 255)
-    if rng.random() < 0.2:
-        grey = img @ np.array([0.299, 0.587, 0.114], np.float32)
-        img = np.repeat(grey[..., None], 3, axis=2)
-    if rng.random() < 0.5:
-        sigma = rng.uniform(0.1, 2.0)
-        img = cv2.GaussianBlur(img, (0, 0), sigmaX=sigma)
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
 class SegDataset(Dataset):
@@ -196,8 +131,12 @@ class SegDataset(Dataset):
     the trainer replaces it with the model's own predictions).
 
     Items are indexed by ``(index, position)`` pairs from :class:`StreamSampler` and are dicts:
-    ``image`` uint8 (3, crop, crop), ``label`` int64 (crop, crop) with 255 = ignore, and with
-    ``aug.strong`` also ``strong`` uint8 (3, crop, crop) (same geometry, photometric changes).
+    ``image`` uint8 (3, crop, crop) (the weak view), ``label`` int64 (crop, crop) with 255 =
+    ignore, and with ``aug.strong_views`` = k > 0 also ``strong`` uint8 (k, 3, crop, crop)
+    (strongly augmented copies of the weak view) and ``box`` bool (k, crop, crop) (one CutMix
+    box per strong view). ``draw`` > 0 makes another, independent augmentation of the same
+    positions: UniMatch's CutMix source (``fixmatch.py`` zips the unlabeled loader with itself,
+    so the source batch holds the same images, augmented again).
     """
 
     def __init__(
@@ -209,11 +148,12 @@ class SegDataset(Dataset):
         seed: int,
         stream: int,
         pseudo_dir: str | os.PathLike | None = None,
+        draw: int = 0,
     ) -> None:
         if source not in ("gt", "pseudo", "none"):
             raise ValueError(f"source = {source!r}: expected 'gt', 'pseudo' or 'none'")
         self.manifest, self.rows, self.source = manifest, list(rows), source
-        self.aug, self.seed, self.stream = aug, seed, stream
+        self.aug, self.seed, self.stream, self.draw = aug, seed, stream, draw
         self.pseudo_dir = pseudo_dir
 
     def __len__(self) -> int:
@@ -229,22 +169,28 @@ class SegDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         index, position = key
         row = self.rows[index]
-        rng = np.random.default_rng([self.seed, self.stream, position])
+        entropy = [self.seed, self.stream, position] + ([self.draw] if self.draw else [])
+        rng = np.random.default_rng(entropy)
         image = self.manifest.read_image(row)
         label = self._target(row)
         if image.shape[:2] != label.shape:
             raise UserError(
                 f"{self.manifest.image_path(row)}: image is "
-                f"{image.shape[1]}x{image.shape[0]} px but its {self.source} label is "
-                f"{label.shape[1]}x{label.shape[0]}; expected equal sizes"
+                f"{image.shape[0]}x{image.shape[1]} (HxW) but its {self.source} label is "
+                f"{label.shape[0]}x{label.shape[1]}; expected equal sizes"
             )
-        image, label = _weak(image, label, self.aug, rng)
+        image, label = weak(image, label, self.aug, rng)
         out = {
             "image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
             "label": torch.from_numpy(label.astype(np.int64)),
         }
-        if self.aug.strong:
-            out["strong"] = torch.from_numpy(_strong(image, rng)).permute(2, 0, 1).contiguous()
+        if self.aug.strong_views:
+            views, boxes = [], []
+            for _ in range(self.aug.strong_views):  # as semi.py: view 1 and its box, then 2
+                views.append(strong(image, rng))
+                boxes.append(cutmix_box(self.aug.crop, self.aug.cutmix_prob, rng))
+            out["strong"] = torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()
+            out["box"] = torch.from_numpy(np.stack(boxes))
         return out
 
 

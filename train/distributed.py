@@ -28,12 +28,14 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 
 @dataclass(frozen=True)
 class Dist:
-    """This process's place in the run; ``joined`` is True once in a process group."""
+    """This process's place in the run; ``joined`` is True once in a process group, ``created``
+    when :func:`setup_distributed` created that group (and :func:`teardown_distributed` ends it)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     joined: bool = False
+    created: bool = False
 
     @property
     def main(self) -> bool:
@@ -72,9 +74,18 @@ def setup_distributed(device_type: str) -> Dist:
                 "--nproc_per_node <= the number of GPUs (NCCL needs one GPU per process)"
             )
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group(backend=backend_for(device_type))
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, joined=True)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, joined=True, created=created)
+
+
+def teardown_distributed(d: Dist) -> None:
+    """Destroy the process group that :func:`setup_distributed` created, once the run is over
+    (NCCL otherwise warns at exit that its resources were not released; a group the caller
+    created is left alone)."""
+    if d.created and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def pick_device(kind: str, local_rank: int = 0) -> torch.device:

@@ -2,22 +2,22 @@
 
 * :func:`masked_ce`: cross-entropy over the pixels that are not ignored (255), optionally
   weighted per pixel (a confidence mask) and divided by a given pixel count.
-* :func:`self_training_targets`: Stage II targets, the model's own argmax on the weak view
-  (eval mode, no gradient) and the pixels confident enough to count.
-* :func:`cutmix`: UniMatch's CutMix within a batch, images and targets alike.
+* :class:`Targets`, :func:`predicted_targets`: the model's own argmax, confidence and valid
+  (not padding) pixels: the Stage II targets.
+* :func:`mix_targets`: CutMix of targets (the box from the CutMix source's targets).
+* :func:`confident_ce`: UniMatch's unlabeled loss: cross-entropy on the confident pixels,
+  divided by the number of valid pixels.
 * :func:`mixed_loss`: (1 − λ)·L_s + λ·L_u (λ from :mod:`train.schedule`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-IGNORE = 255
+from train.augment import IGNORE, paste
 
 
 def masked_ce(
@@ -47,67 +47,42 @@ def mixed_loss(l_s: torch.Tensor, l_u: torch.Tensor, lam: float) -> torch.Tensor
     return (1.0 - lam) * l_s + lam * l_u
 
 
+@dataclass(frozen=True)
+class Targets:
+    """The model's own predictions as targets, all (B, H, W): ``label`` int64 (argmax),
+    ``conf`` float32 (max softmax probability), ``valid`` bool (False on padding)."""
+
+    label: torch.Tensor
+    conf: torch.Tensor
+    valid: torch.Tensor
+
+    def mask_ratio(self, threshold: float) -> torch.Tensor:
+        """Fraction of the valid pixels confident enough to count (UniMatch's "mask ratio")."""
+        keep = (self.conf >= threshold) & self.valid
+        return keep.sum() / self.valid.sum().clamp(min=1)
+
+
 @torch.no_grad()
-def self_training_targets(
-    model: nn.Module,
-    x_u: torch.Tensor,
-    valid: torch.Tensor,
-    threshold: float,
-    autocast: contextlib.AbstractContextManager | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stage II targets: the model's argmax on ``x_u`` in eval mode, as UniMatch's weak view.
-
-    Args:
-        model: the bare model (not the DDP wrapper: no gradient synchronisation here).
-        x_u: float32 (B, 3, H, W) normalised unlabeled images (the weak view).
-        valid: bool (B, H, W), False on padding.
-        threshold: pixels whose softmax confidence is below it get weight 0.
-        autocast: the training step's autocast context (None: full precision).
-    Returns:
-        ``(target, weight)``: int64 (B, H, W) with 255 outside ``valid``, and bool (B, H, W)
-        = confident and valid. The model is left in training mode.
-    """
-    model.eval()
-    with autocast or contextlib.nullcontext():
-        probs = model(x_u).float().softmax(1)
-    model.train()
-    conf, target = probs.max(1)
-    weight = (conf >= threshold) & valid
-    target = torch.where(valid, target, torch.full_like(target, IGNORE))
-    return target, weight
+def predicted_targets(logits: torch.Tensor, valid: torch.Tensor) -> Targets:
+    """Targets from logits (B, K, H, W) (detached): argmax and softmax confidence, as UniMatch's
+    ``pred.argmax(dim=1)`` and ``pred.softmax(dim=1).max(dim=1)[0]``; ``valid`` bool (B, H, W)."""
+    logits = logits.detach().float()
+    return Targets(logits.argmax(1), logits.softmax(1).max(1)[0], valid)
 
 
-def cutmix(
-    images: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor,
-    prob: float,
-    gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """CutMix within a batch: each sample, with probability ``prob``, receives a random box
-    (2-40 % of its area, aspect 0.3-3.3, UniMatch's ``obtain_cutmix_box``) from the next sample
-    in the batch, targets alike.
+def mix_targets(t: Targets, source: Targets, box: torch.Tensor) -> Targets:
+    """CutMix of targets: inside ``box`` (bool (B, H, W)) label, confidence and validity come
+    from ``source`` (the CutMix source batch's own targets), as UniMatch's ``*_cutmixed``."""
+    return Targets(
+        paste(t.label, source.label, box),
+        paste(t.conf, source.conf, box),
+        paste(t.valid, source.valid, box),
+    )
 
-    Shapes: images (B, 3, H, W); target int64 (B, H, W); weight (B, H, W).
-    """
-    b, _, h, w = images.shape
-    src_images, src_target, src_weight = images, target, weight
-    images, target, weight = images.clone(), target.clone(), weight.clone()
-    src = torch.roll(torch.arange(b), 1)
-    draws = torch.rand((b, 4), generator=gen).tolist()
-    for i in range(b):
-        use, area, ratio, pos = draws[i]
-        if use >= prob or b < 2:
-            continue
-        area = 0.02 + area * 0.38
-        ratio = math.exp(math.log(0.3) + ratio * (math.log(1 / 0.3) - math.log(0.3)))
-        bh = min(h, max(1, round(math.sqrt(area * h * w / ratio))))
-        bw = min(w, max(1, round(math.sqrt(area * h * w * ratio))))
-        top = int(pos * (h - bh + 1)) % (h - bh + 1)
-        left = int((pos * 7919) % 1 * (w - bw + 1)) % (w - bw + 1)
-        j = int(src[i])
-        box = (slice(top, top + bh), slice(left, left + bw))
-        images[i, :, box[0], box[1]] = src_images[j, :, box[0], box[1]]
-        target[i, box[0], box[1]] = src_target[j, box[0], box[1]]
-        weight[i, box[0], box[1]] = src_weight[j, box[0], box[1]]
-    return images, target, weight
+
+def confident_ce(logits: torch.Tensor, t: Targets, threshold: float) -> torch.Tensor:
+    """UniMatch's unlabeled loss (``criterion_u`` in ``fixmatch.py``/``unimatch.py``): per-pixel
+    cross-entropy against ``t.label`` where ``t.conf >= threshold`` and the pixel is valid,
+    summed and divided by the number of valid pixels (not of confident ones). Float32 scalar."""
+    target = torch.where(t.valid, t.label, torch.full_like(t.label, IGNORE))
+    return masked_ce(logits, target, (t.conf >= threshold) & t.valid, t.valid.sum())

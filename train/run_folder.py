@@ -13,12 +13,18 @@ Only the writing process (rank 0) changes files. Resuming reads ``latest.pt``, r
 that would compute something else (:class:`RunIdentity`), and cuts ``metrics.jsonl`` back to
 the checkpoint's iteration, so a run killed at any moment and re-run writes the same bytes as
 an uninterrupted one.
+
+The folder is the trainer's own (:mod:`data_manifest.ownership`): ``train fit`` writes only
+into a new or empty folder, or one it marked (folders written before the mark are recognised
+by their checkpoints and logs, :func:`written_by_train`), and a fresh run removes only the
+files listed above. The command line holds the folder's lock for the whole run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +34,8 @@ from torch import nn
 from data_manifest.config import write_resolved
 from data_manifest.errors import UserError
 from data_manifest.io import atomic_write_json, atomic_write_text
-from train.inference import read_checkpoint, save_checkpoint
+from data_manifest.ownership import check_claim, claim
+from train.checkpoint import read_checkpoint, save_checkpoint
 from train.plots import plot_curves
 
 # Keys that may change between a run and its resumption without changing what it computes.
@@ -44,6 +51,22 @@ RESUME_FREE_KEYS = {
     "save_every",
 }
 OUTPUTS = ("metrics.jsonl", "latest.pt", "best.pt", "final.json", "loss.png", "miou.png")
+OWNER = "train fit"
+LOSS_KEYS = ("loss", "loss_s", "loss_u")
+
+
+def written_by_train(folder: Path) -> bool:
+    """An unmarked folder a ``train fit`` of an earlier version wrote: it holds the trainer's
+    checkpoints or log and none of calibrate's files."""
+    names = {p.name for p in folder.iterdir()}
+    return bool(names & {"latest.pt", "metrics.jsonl", "final.json"}) and not (
+        names & {"calibration.json", "calibration.incomplete"}
+    )
+
+
+def check_out(out: Path, option: str) -> None:
+    """Refuse, before any work, a run folder ``train fit`` may not write into."""
+    check_claim(out, OWNER, option, legacy=written_by_train)
 
 
 def pseudo_fingerprint(pseudo_dir: Path) -> str | None:
@@ -151,7 +174,7 @@ class RunFolder:
         resumed one cuts ``metrics.jsonl`` back to ``start``. Writes the resolved config."""
         if not self.writer:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
+        claim(self.path, OWNER, "[train] out", legacy=written_by_train)
         if start == 0:
             for name in OUTPUTS:
                 (self.path / name).unlink(missing_ok=True)
@@ -185,9 +208,25 @@ class RunFolder:
         return None
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one line to ``metrics.jsonl`` and flush it (a kill loses at most this line)."""
+        """Append one line to ``metrics.jsonl`` and flush it (a kill loses at most this line).
+
+        Raises:
+            UserError: a training loss that is nan or inf: the run diverged, and every later
+                step, checkpoint and evaluation would be meaningless.
+        """
         if not self.writer:
             return
+        bad = [
+            k
+            for k in LOSS_KEYS
+            if isinstance(record.get(k), float) and not math.isfinite(record[k])
+        ]
+        if record.get("type") == "train" and bad:
+            raise UserError(
+                f"{self.metrics}: {bad[0]} = {record[bad[0]]} at iteration {record.get('iter')}; "
+                "expected finite losses: the run diverged (try a lower [train] lr); the "
+                "checkpoints hold the last state saved before"
+            )
         if self._metrics is None:
             self._metrics = open(self.metrics, "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")

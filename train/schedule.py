@@ -8,7 +8,9 @@
   - labeled-only baseline: λ = 0 (L = L_s);
   - Stage I: λ = pseudo_weight / (1 + pseudo_weight) (1/2 by default: the mean of the two
     losses, UniMatch's and AllSpark's ``(loss_x + loss_u) / 2``);
-  - Stage II: λ(t) = lambda0 · exp(−lambda_decay · t), t = (it − S1) / S2 ∈ [0, 1).
+  - Stage II: λ(t) = lambda0 · exp(−lambda_decay · t), t = (it − S1) / S2 ∈ [0, 1)
+    (lambda_decay 0 for the "fixmatch" and "unimatch" modes unless set: UniMatch's constant
+    ``(loss_x + loss_u) / 2``).
 
   The weights always sum to 1, so the loss scale (and the effective step size) does not jump
   at the Stage I → II switch; with the defaults (pseudo_weight 1, lambda0 0.5) the weights
@@ -58,18 +60,21 @@ class Plan:
 def make_plan(cfg: TrainConfig, n_labeled: int, n_unlabeled: int, world: int = 1) -> Plan:
     """Turn the configured lengths into iterations.
 
-    An epoch is one pass over the unlabeled split (UniMatch's ``unimatch.py`` convention), at
-    ``batch_size × accum_steps × world`` images per iteration, rounded up.
+    An epoch is one pass over the unlabeled split (UniMatch's ``unimatch.py`` convention) in
+    whole iterations, as UniMatch's loaders count it (``DistributedSampler`` then
+    ``drop_last=True``): ⌊⌈N / world⌉ / (batch_size × accum_steps)⌋, at least 1.
 
     The labeled-only baseline follows UniMatch's ``supervised.py`` instead: its epochs are passes
     over the *labeled* split, and it trains ``stage1_length + stage2_length`` of them (VOC:
     60 + 20 = 80 epochs, UniMatch's ``epochs: 80`` in ``configs/pascal.yaml``; 92 labeled
-    images at 8 per iteration: 12 × 80 = 960 iterations). With ``length_unit = "iters"`` both
-    train ``stage1_length + stage2_length`` iterations.
+    images, 2 per GPU on 4 GPUs: ⌊23 / 2⌋ = 11 iterations per epoch, 880 in all). With
+    ``length_unit = "iters"`` both train ``stage1_length + stage2_length`` iterations.
+
+    Samples are a continuous stream (:mod:`train.data`): the images an epoch leaves out start
+    the next one instead of being skipped.
     """
-    per_iter = cfg.batch_size * cfg.accum_steps * world
     n = n_unlabeled if n_unlabeled > 0 and not cfg.labeled_only else n_labeled
-    ipe = max(1, math.ceil(n / per_iter))
+    ipe = max(1, math.ceil(n / world) // (cfg.batch_size * cfg.accum_steps))
     unit = ipe if cfg.length_unit == "epochs" else 1
     s1 = cfg.stage1_length * unit
     s2 = cfg.stage2_length * unit if cfg.stage2 else 0

@@ -1,17 +1,17 @@
 """The training loop: :class:`Trainer` holds a run's state; :func:`fit` is the entry point.
 
 A run is the labeled-only baseline, Stage I (ground truth + the calibrated pseudo-label PNGs),
-and/or Stage II (self-reliance: the model's own predictions on the unlabeled images). Every
-iteration computes L = (1 − λ)·L_s + λ·L_u; λ and the learning rate come from
-:mod:`train.schedule`, the losses from :mod:`train.losses`. One iteration (:meth:`Trainer.
-train_step`), as UniMatch's ``unimatch.py`` reads:
+and/or Stage II (the model's own predictions on the unlabeled images: ``stage2_mode`` "self",
+"fixmatch" or "unimatch"). Every iteration computes L = (1 − λ)·L_s + λ·L_u; λ and the
+learning rate come from :mod:`train.schedule`, L_s and L_u from :mod:`train.steps` (one
+function per kind of iteration, each read against the upstream file it follows). One
+iteration (:meth:`Trainer.train_step`):
 
-    lr ← base_lr · poly(it); λ ← unlabeled_weight(it)
+    lr ← base_lr · poly(it); λ ← unlabeled_weight(it); torch's generator ← (seed, it, rank)
     for each of accum_steps micro-batches:
-        x_l, y_l (+ x_u, ŷ_u: the PNG in Stage I; Stage II: the model's argmax on the weak view,
-        confident pixels only, and with "weak_strong" the strong view + CutMix)
-        logits = net(cat(x_l, x_u));  L = (1 − λ)·CE(logits_l, y_l) + λ·CE(logits_u, ŷ_u)
-        backward(L / accum_steps)
+        (labeled batch, unlabeled batch, CutMix source batch) from the loader
+        L_s, L_u ← steps.<kind of iteration>(...)
+        backward(((1 − λ)·L_s + λ·L_u) / accum_steps)
     optimizer step; log the mean losses over micro-batches and processes
 
 Evaluation (:mod:`train.evaluation`) runs every ``eval_every`` iterations and at the end of
@@ -37,6 +37,9 @@ from data_manifest.config import section_dict
 from data_manifest.errors import UserError
 from data_manifest.manifest import Manifest
 from train import data as tdata
+from train import steps
+from train.augment import Augment
+from train.checkpoint import checkpoint_info
 from train.config import TrainConfig
 from train.distributed import (
     all_reduce_sum,
@@ -45,11 +48,12 @@ from train.distributed import (
     pick_device,
     setup_distributed,
     sync_buffers,
+    teardown_distributed,
     wrap_model,
 )
 from train.evaluation import EvalSettings, evaluate_rows, print_iou_table
-from train.inference import checkpoint_info, normalize
-from train.losses import IGNORE, cutmix, masked_ce, mixed_loss, self_training_targets
+from train.inference import normalize
+from train.losses import mixed_loss
 from train.metrics import summarize
 from train.models import NORMALIZATION, build_model
 from train.run_folder import RunFolder, RunIdentity, pseudo_fingerprint, train_state
@@ -93,6 +97,25 @@ def _build(cfg: TrainConfig, num_classes: int) -> nn.Module:
         raise UserError(f"[train] model_kwargs = {kwargs!r}: {exc}") from None
 
 
+def _check_single_image_passes(cfg: TrainConfig, device: torch.device, world: int) -> None:
+    """DeepLabV3+'s image pooling ends in a batch norm over a 1x1 map, which needs more than one
+    image per training forward pass (or SyncBatchNorm across processes, as UniMatch runs it).
+    The labeled-only baseline and FixMatch's strong view pass ``batch_size`` images alone.
+
+    Raises:
+        UserError: ``batch_size = 1`` where such a pass would hold one image.
+    """
+    alone = cfg.labeled_only or (cfg.uses_unlabeled and cfg.stage2_mode == "fixmatch")
+    synced = device.type == "cuda" and world > 1
+    if alone and cfg.batch_size == 1 and not synced and cfg.arch.startswith("deeplabv3plus"):
+        what = "the labeled-only baseline" if cfg.labeled_only else "fixmatch's strong view"
+        raise UserError(
+            f"[train] batch_size = 1: {what} passes one image through DeepLabV3+, whose "
+            "image-pooling batch norm needs two or more; expected batch_size >= 2, or "
+            "torchrun on several GPUs (SyncBatchNorm pools their images)"
+        )
+
+
 class Trainer:
     """One training run and all of its state, as attributes.
 
@@ -121,6 +144,7 @@ class Trainer:
         self.dist = setup_distributed(device_type(cfg.device))
         self.device = pick_device(cfg.device, self.dist.local_rank)
         tdata.check_inputs(cfg, manifest, self.pseudo_dir)
+        _check_single_image_passes(cfg, self.device, self.dist.world)
         self.labeled, self.unlabeled, self.val = (
             manifest.split(s) for s in ("labeled", "unlabeled", "val")
         )
@@ -231,37 +255,35 @@ class Trainer:
     # -- one iteration ------------------------------------------------------------------------
     def train_step(self, it: int, batches: Any) -> dict[str, Any]:
         """Iteration ``it`` (0-based) on the next ``accum_steps`` batches; returns its
-        ``metrics.jsonl`` record (losses averaged over micro-batches and processes)."""
+        ``metrics.jsonl`` record (losses averaged over micro-batches and processes; in Stage
+        II also ``mask_ratio``, the confident fraction of the unlabeled pixels)."""
         cfg, plan = self.cfg, self.plan
         factor = poly_factor(it, plan.total, cfg.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         lam = unlabeled_weight(cfg, plan, it)
-        # Dropout / drop path (SegFormer) draw from torch's generator: seed it per iteration.
+        # Dropout, drop path (SegFormer) and feature perturbation (UniMatch) draw from torch's
+        # generator: seed it per iteration.
         step_seed = np.random.SeedSequence([self.seed, it, self.dist.rank]).generate_state(1)
         torch.manual_seed(int(step_seed[0]))
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         for a in range(cfg.accum_steps):
-            lb, *rest = next(batches)
-            gen = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + it * cfg.accum_steps + a) % (2**63)
-            )
             last = a == cfg.accum_steps - 1
             sync = (
                 contextlib.nullcontext() if last or self.net is self.model else self.net.no_sync()
             )
             with sync:
-                loss, l_s, l_u = self.micro_batch_loss(
-                    plan.stage(it), lb, rest[0] if rest else None, lam, gen
-                )
+                out = self.micro_batch_loss(plan.stage(it), next(batches))
+                loss = mixed_loss(out.loss_s, out.loss_u, lam)
                 self.scaler.scale(loss / cfg.accum_steps).backward()
-            sums += torch.stack([loss, l_s, l_u]).detach().double()
+            ratio = out.mask_ratio if out.mask_ratio is not None else torch.zeros(())
+            sums += torch.stack([loss, out.loss_s, out.loss_u, ratio.to(loss)]).detach().double()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         total = all_reduce_sum(sums, self.dist) / (cfg.accum_steps * self.dist.world)
-        loss, l_s, l_u = total.tolist()
-        return {
+        loss, l_s, l_u, ratio = total.tolist()
+        record = {
             "type": "train",
             "iter": it + 1,
             "stage": plan.stage(it),
@@ -272,38 +294,32 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "lambda": lam,
         }
+        if plan.stage(it) == 2 and not cfg.labeled_only:
+            record["mask_ratio"] = ratio
+        return record
 
-    def micro_batch_loss(
-        self, stage: int, lb: Batch, ub: Batch | None, lam: float, gen: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(L, L_s, L_u)`` of one micro-batch, float32 scalars on the device.
+    def micro_batch_loss(self, stage: int, batches: tuple[Batch, ...]) -> steps.StepLoss:
+        """L_s and L_u of one micro-batch (float32 scalars on the device).
 
-        ``lb``/``ub``: labeled / unlabeled batch dicts from the loader (``image`` uint8
-        (B, 3, crop, crop), ``label`` int64 (B, crop, crop), ``strong`` with "weak_strong");
-        ``ub`` None for the labeled-only baseline. ``gen`` draws the CutMix boxes.
+        ``batches``: one batch dict per stream from the loader (:meth:`loader`): labeled
+        (``image`` uint8 (B, 3, crop, crop), ``label`` int64 (B, crop, crop)); then, unless
+        labeled-only, unlabeled (the same, plus ``strong`` uint8 (B, k, 3, crop, crop) and
+        ``box`` bool (B, k, crop, crop) in the "fixmatch"/"unimatch" modes); then in those
+        modes the CutMix source batch (the same images, augmented again).
         """
-        x_l, y_l = self._images(lb, "image"), self._labels(lb)
-        if ub is None:
-            with self._autocast():
-                logits = self.net(x_l)
-            l_s = masked_ce(logits, y_l)
-            return l_s, l_s, torch.zeros((), device=self.device)
-        x_u, target = self._images(ub, "image"), self._labels(ub)
-        weight = denominator = None
-        if stage == 2:  # the model's own predictions are the targets
-            target, weight = self_training_targets(
-                self.model, x_u, target != IGNORE, self.cfg.stage2_threshold, self._autocast()
-            )
-            if self.cfg.stage2_mode == "weak_strong":
-                x_u = self._images(ub, "strong")
-                x_u, target, weight = cutmix(x_u, target, weight, self.cfg.cutmix_prob, gen)
-            denominator = (target != IGNORE).sum()
-        with self._autocast():
-            logits = self.net(torch.cat([x_l, x_u]))
-        n = x_l.shape[0]
-        l_s = masked_ce(logits[:n], y_l)
-        l_u = masked_ce(logits[n:], target, weight, denominator)
-        return mixed_loss(l_s, l_u, lam), l_s, l_u
+        lb, *rest = batches
+        x_l, y_l = self._images(lb["image"]), self._to_device(lb["label"])
+        if not rest:
+            return steps.supervised(self.net, x_l, y_l, self._autocast)
+        u = self._unlabeled(rest[0])
+        if stage == 1:
+            return steps.pseudo_labels(self.net, x_l, y_l, u, self._autocast)
+        mode, threshold = self.cfg.stage2_mode, float(self.cfg.stage2_threshold or 0.0)
+        if mode == "self":
+            return steps.self_training(self.net, self.model, x_l, y_l, u, threshold, self._autocast)
+        step = steps.fixmatch if mode == "fixmatch" else steps.unimatch
+        mix = self._unlabeled(rest[1])
+        return step(self.net, self.model, x_l, y_l, u, mix, threshold, self._autocast)
 
     # -- evaluation, checkpoints, the end -----------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -381,10 +397,11 @@ class Trainer:
 
     # -- small helpers ------------------------------------------------------------------------
     def _streams(self, stage: int) -> list[tdata.SegDataset]:
-        """The datasets read together in ``stage``: labeled, and the unlabeled stream with
-        its pseudo-labels (Stage I) or without targets (Stage II, strong view if configured)."""
+        """The datasets read together in ``stage``: labeled, and the unlabeled stream with its
+        pseudo-labels (Stage I) or without targets (Stage II: with the mode's strong views and
+        CutMix boxes, then the CutMix source: the same positions, augmented again)."""
         cfg, m = self.cfg, self.manifest
-        weak = tdata.Augment(cfg.crop, cfg.scale_min, cfg.scale_max)
+        weak = Augment(cfg.crop, cfg.scale_min, cfg.scale_max)
         streams = [tdata.SegDataset(m, self.labeled, "gt", weak, self.seed, tdata.STREAM_LABELED)]
         if stage == 1 and cfg.uses_pseudo:
             streams.append(
@@ -399,20 +416,34 @@ class Trainer:
                 )
             )
         elif stage == 2 and cfg.uses_unlabeled:
-            strong = cfg.stage2_mode == "weak_strong"
-            aug = tdata.Augment(cfg.crop, cfg.scale_min, cfg.scale_max, strong=strong)
-            streams.append(
-                tdata.SegDataset(m, self.unlabeled, "none", aug, self.seed, tdata.STREAM_UNLABELED)
-            )
+            views = steps.STRONG_VIEWS[cfg.stage2_mode]
+            aug = Augment(cfg.crop, cfg.scale_min, cfg.scale_max, views, cfg.cutmix_prob)
+            for draw in range(2 if views else 1):
+                streams.append(
+                    tdata.SegDataset(
+                        m, self.unlabeled, "none", aug, self.seed, tdata.STREAM_UNLABELED, draw=draw
+                    )
+                )
         return streams
 
-    def _images(self, batch: Batch, key: str) -> torch.Tensor:
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) on the host → normalised float32 on the device."""
-        x = batch[key].to(self.device, non_blocking=self.device.type == "cuda")
-        return normalize(x, self.mean, self.std).contiguous(memory_format=self.memory_format)
+        x = normalize(self._to_device(images), self.mean, self.std)
+        return x.contiguous(memory_format=self.memory_format)
 
-    def _labels(self, batch: Batch) -> torch.Tensor:
-        return batch["label"].to(self.device, non_blocking=self.device.type == "cuda")
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=self.device.type == "cuda")
+
+    def _unlabeled(self, batch: Batch) -> steps.Unlabeled:
+        """An unlabeled batch dict from the loader → :class:`train.steps.Unlabeled`."""
+        strong, box = batch.get("strong"), batch.get("box")
+        k = 0 if strong is None else strong.shape[1]
+        return steps.Unlabeled(
+            self._images(batch["image"]),
+            self._to_device(batch["label"]),
+            [self._images(strong[:, j]) for j in range(k)],  # type: ignore[index]
+            [self._to_device(box[:, j]) for j in range(k)],  # type: ignore[index]
+        )
 
     def _autocast(self) -> torch.autocast:
         enabled = self.device.type == "cuda" and self.cfg.amp
@@ -491,4 +522,7 @@ def fit(
         resolved=resolved,
         show_progress=show_progress,
     )
-    return trainer.fit(resume)
+    try:
+        return trainer.fit(resume)
+    finally:
+        teardown_distributed(trainer.dist)

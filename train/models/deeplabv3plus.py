@@ -51,7 +51,8 @@ class DeepLabV3Plus(nn.Module):
     gives a higher learning rate. ``align_corners`` is that of both bilinear upsamplings
     (UniMatch's ``model/semseg/deeplabv3plus.py`` uses True; the EfficientNet-Lite0 demo False).
 
-    Forward: float32 (B, 3, H, W) normalised images → logits float32 (B, num_classes, H, W).
+    Forward: float32 (B, 3, H, W) normalised images → logits float32 (B, num_classes, H, W);
+    with ``need_fp`` also the logits of UniMatch's feature perturbation (see :meth:`forward`).
     """
 
     def __init__(
@@ -77,14 +78,31 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
         self.num_classes = num_classes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, need_fp: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, K, H, W); with ``need_fp`` the pair ``(logits, logits_fp)``.
+
+        ``logits_fp`` is UniMatch's feature perturbation (``model/semseg/deeplabv3plus.py``):
+        the decoder also runs on the backbone's features after channel dropout (p 0.5, the
+        low-level map first, then the high-level one, from torch's generator), in one pass
+        over the clean and the dropped features together (its batch norms see both).
+        """
         h, w = x.shape[-2:]
         low, high = self.backbone(x)
+        if need_fp:
+            low = torch.cat([low, F.dropout2d(low, 0.5, training=True)])
+            high = torch.cat([high, F.dropout2d(high, 0.5, training=True)])
+        out = self._decode(low, high)
+        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=self.align_corners)
+        return tuple(out.chunk(2)) if need_fp else out  # type: ignore[return-value]
+
+    def _decode(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """(B, low_ch, h4, w4) and (B, high_ch, h16, w16) features → logits at stride 4."""
         high = self.aspp(high)
         ac = self.align_corners
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=ac)
-        out = self.classifier(self.fuse(torch.cat([self.reduce(low), high], dim=1)))
-        return F.interpolate(out, size=(h, w), mode="bilinear", align_corners=ac)
+        return self.classifier(self.fuse(torch.cat([self.reduce(low), high], dim=1)))
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters outside the backbone (ASPP, decoder, classifier)."""

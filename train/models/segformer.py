@@ -66,9 +66,21 @@ class SegFormer(nn.Module):
         self.num_classes = int(model.config.num_labels)
         self.build_kwargs: dict[str, Any] = {"config": _plain_config(model.config)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(pixel_values=x).logits  # (B, K, ceil(H/4), ceil(W/4))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    def forward(
+        self, x: torch.Tensor, need_fp: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, K, H, W); with ``need_fp`` the pair ``(logits, logits_fp)``: UniMatch's
+        feature perturbation on the features the decoder reads (here all four encoder stages,
+        each after channel dropout p 0.5 in stage order), decoded together with the clean
+        features in one pass, as UniMatch's DeepLabV3+ does with its two."""
+        if not need_fp:
+            logits = self.model(pixel_values=x).logits  # (B, K, ceil(H/4), ceil(W/4))
+            return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        hidden = self.model.segformer(pixel_values=x, output_hidden_states=True).hidden_states
+        feats = [torch.cat([h, F.dropout2d(h, 0.5, training=True)]) for h in hidden]
+        logits = self.model.decode_head(feats)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return tuple(logits.chunk(2))  # type: ignore[return-value]
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.model.decode_head.parameters())

@@ -99,10 +99,9 @@ class GeneralizedSEEM(nn.Module):
         self.register_buffer(
             "pixel_std", torch.Tensor(cfg["INPUT"]["PIXEL_STD"]).view(-1, 1, 1), False
         )
-        # upstream's from_config: torch.ones(..., device=torch.cuda.current_device()); here
-        # placed with .cuda() so that a test can observe the placement on a CPU-only build
+        # as upstream's from_config: a factory given the current CUDA device
         self.register_buffer(
-            "dilation_kernel", torch.ones((1, 1, 3, 3)).cuda(torch.cuda.current_device())
+            "dilation_kernel", torch.ones((1, 1, 3, 3), device=torch.cuda.current_device())
         )
 
     @property

@@ -32,9 +32,10 @@ class LanguageEncoder(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(2.0))
 
     def get_text_embeddings(self, class_names, name="default", is_eval=False, prompt=True):
-        """The ``is_eval`` branch of upstream: each name through the prompt templates, the
-        token ids and attention masks sent with ``.cuda()`` (the current CUDA device), the
-        template embeddings averaged and normalised; stored as ``{name}_text_embeddings``."""
+        """The ``is_eval`` branch of upstream: each name, with "-other", "-merged" and
+        "-stuff" removed, through the prompt templates, the token ids and attention masks sent
+        with ``.cuda()`` (the current CUDA device), the template embeddings averaged and
+        normalised; stored as ``{name}_text_embeddings``."""
         assert is_eval, "the test double mirrors only the is_eval branch"
         with torch.no_grad():
 
@@ -53,7 +54,10 @@ class LanguageEncoder(nn.Module):
                 return emb / emb.norm()
 
             templates = get_prompt_templates() if prompt else ["{}"]
-            embs = [extract_mean_emb([t.format(c) for t in templates]) for c in class_names]
+            embs = []
+            for c in class_names:
+                c = c.replace("-other", "").replace("-merged", "").replace("-stuff", "")
+                embs.append(extract_mean_emb([t.format(c) for t in templates]))
             setattr(self, f"{name}_text_embeddings", torch.stack(embs, dim=0))
 
     def forward_language(self, texts, norm=True):
