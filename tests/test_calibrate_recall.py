@@ -327,6 +327,8 @@ def test_recall_method_end_to_end(ds: tuple[Path, Path], tmp_path: Path) -> None
         full = C.label(p, t, 0, quantize=True)
         np.testing.assert_array_equal(got, full)
     assert rep["unlabeled"]["undetermined_pixels"] == 0
+    html = (out / "report.html").read_text()
+    assert "recall floor per class" in html and "tree" in html
 
 
 def test_evaluate_reports_the_certified_quantity(ds: tuple[Path, Path], tmp_path: Path) -> None:
