@@ -46,7 +46,8 @@ train: $(STAMP)
 # end of training. Measured times: docs/ablation.md. A GPU box runs the same targets on CUDA
 # unchanged (ABLATION_JOBS=1: one training run at a time on one GPU).
 ABLATION_JOBS ?= 2
-ABLATION_ARGS ?= --seeds 0,1,2,3,4 --jobs $(ABLATION_JOBS)
+ABLATION_ROWS ?= labeled_only,raw,cp,cp_stage2,cp_unimatch,threshold,risk,cp_class,recall
+ABLATION_ARGS ?= --seeds 0,1,2,3,4 --jobs $(ABLATION_JOBS) --rows $(ABLATION_ROWS)
 ABLATION_DATA ?=
 ablation: $(STAMP)
 	$(PY) bench/ablation.py --config $(CONFIG) $(ABLATION_ARGS) $(ABLATION_DATA)
@@ -63,7 +64,7 @@ ablation-variants: $(STAMP)
 # demo's own gap (0.5) reads make ablation's runs
 SWEEP ?= demo_gap=0,0.25,0.5,0.75,1
 SWEEP_ARGS ?= --seeds 0,1,2 --jobs $(ABLATION_JOBS) \
-	--rows labeled_only,raw,cp,cp_stage2,recall,recall_stage2
+	--rows labeled_only,raw,cp
 ablation-sweep: $(STAMP)
 	$(PY) bench/ablation.py --config $(CONFIG) --sweep $(SWEEP) $(SWEEP_ARGS)
 

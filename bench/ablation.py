@@ -426,6 +426,8 @@ class Options:
     data_set: list[str]
     out: str | None = None
     report_dir: str | None = None  # where ablation.md/.json go (default: the output folder)
+    # pseudo-label folders calibrated and evaluated beyond the rows' own, trained on by no row
+    pseudo_only: tuple[str, ...] = ()
 
 
 def run_ablation(opt: Options) -> dict[str, Any]:
@@ -458,25 +460,33 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         [py, "-m", "annotate", "run", "--config", str(config)], out / "logs" / "annotate.log"
     )
     m = data_manifest.load(mpath)
-    needed = sorted({r.calibration for r in rows if r.calibration})
-    for name in needed:
+    own = {r.calibration for r in rows if r.calibration}
+    needed, failed = sorted(own | set(opt.pseudo_only)), {}
+    for name in list(needed):
         print(f"ablation: calibrating {name} ...", flush=True)
-        prep[f"calibrate_{name}"] = sh(
-            [
-                py,
-                "-m",
-                "calibrate",
-                "run",
-                "--config",
-                str(config),
-                "--out-dir",
-                str(out / "pseudo" / name),
-                "--no-plots",
-                "--quiet",
-                *CALIBRATIONS[name],
-            ],
-            out / "logs" / f"calibrate_{name}.log",
-        )
+        try:
+            prep[f"calibrate_{name}"] = sh(
+                [
+                    py,
+                    "-m",
+                    "calibrate",
+                    "run",
+                    "--config",
+                    str(config),
+                    "--out-dir",
+                    str(out / "pseudo" / name),
+                    "--no-plots",
+                    "--quiet",
+                    *CALIBRATIONS[name],
+                ],
+                out / "logs" / f"calibrate_{name}.log",
+            )
+        except SystemExit as e:  # a folder no row trains on may fail (e.g. nothing certified)
+            if name in own:
+                raise
+            failed[name] = str(e).splitlines()[-1]
+            needed.remove(name)
+            print(f"ablation: {name} gave no pseudo-labels: {failed[name]}", flush=True)
     quality, quality_set, ann = {}, None, None
     if needed:
         print("ablation: evaluating the pseudo-labels ...", flush=True)
@@ -572,6 +582,14 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         "eval_last": opt.eval_last,
         "annotator_val_miou": ann,
         "qhat": _qhat(out / "pseudo" / "cp"),
+        "pseudo_quality": {
+            n: {
+                **{k: quality.get(n, {}).get(k) for k in PSEUDO_KEYS},
+                **object_figures(quality.get(n, {}), background),
+            }
+            for n in needed
+        },
+        "pseudo_failed": failed,
         "rows": results,
         "comparisons": comps,
         "pseudo_quality_set": quality_set,
@@ -704,13 +722,9 @@ def sweep_table(content: dict[str, Any]) -> str:
     out.append(line("annotator val mIoU %", [pct(p["annotator_val_miou"]) for p in points]))
     q = ["—" if p["qhat"] is None else f"{p['qhat']:.4g}" for p in points]
     out.append(line("CP's q̂ (α = 0.05)", q))
-    calibs = sorted({r["calibration"] for p in points for r in p["rows"] if r["calibration"]})
-    for calib in calibs:
+    for calib in pseudo_names(points):
         for fig, label in PSEUDO_FIGURES:
-            cells = []
-            for p in points:
-                r = next((r for r in p["rows"] if r["calibration"] == calib), None)
-                cells.append(pct(r["pseudo"].get(fig)) if r else "—")
+            cells = [pct(pseudo_of(p, calib).get(fig)) for p in points]
             out.append(line(f"{calib}: {label} %", cells))
     out += ["", "claims: paired difference (first − second) ± 95 % half-width, verdict", "", head]
     for ck in [c["key"] for c in points[0]["comparisons"]] if points else []:
@@ -753,6 +767,22 @@ def stops(content: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def pseudo_names(points: list[dict[str, Any]]) -> list[str]:
+    """The pseudo-label folders any point evaluated, in ``CALIBRATIONS`` order."""
+    names = {n for p in points for n in p.get("pseudo_quality", {})}
+    names |= {r["calibration"] for p in points for r in p["rows"] if r["calibration"]}
+    return [n for n in CALIBRATIONS if n in names]
+
+
+def pseudo_of(point: dict[str, Any], calib: str) -> dict[str, Any]:
+    """One point's pseudo-label figures for a folder ({} where it has none)."""
+    if calib in point.get("pseudo_quality", {}):
+        return point["pseudo_quality"][calib]
+    r = next((r for r in point["rows"] if r["calibration"] == calib), None)
+    return r["pseudo"] if r else {}
+
+
+PSEUDO_KEYS = ("kept_fraction", "kept_accuracy", "miou")
 PSEUDO_FIGURES = (
     ("kept_fraction", "kept fraction"),
     ("kept_accuracy", "kept accuracy"),
@@ -790,17 +820,14 @@ def plot_sweep(content: dict[str, Any], out: Path) -> None:
     ax.legend(fontsize=7)
     _save(fig, out / "sweep_miou.png")
 
-    calibs = sorted({r["calibration"] for p in points for r in p["rows"] if r["calibration"]})
+    calibs = pseudo_names(points)
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     axes[0].plot(x, [p["qhat"] if p["qhat"] is not None else np.nan for p in points], "o-")
     axes[0].set_title("CP's q̂ (α = 0.05)")
     for ax, (figname, label) in zip(axes[1:], PSEUDO_FIGURES, strict=True):
         for c in calibs:
-            ys = []
-            for p in points:
-                r = next((r for r in p["rows"] if r["calibration"] == c), None)
-                v = r["pseudo"].get(figname) if r else None
-                ys.append(np.nan if v is None else v)
+            vs = [pseudo_of(p, c).get(figname) for p in points]
+            ys = [np.nan if v is None else v for v in vs]
             ax.plot(x, ys, "o-", label=c)
         ax.set_title(label)
         ax.legend(fontsize=7)
@@ -851,6 +878,14 @@ def main() -> None:
         help="demo variant: override a [data] key (TOML value), e.g. demo_seed=1",
     )
     ap.add_argument(
+        "--pseudo-only",
+        default=None,
+        metavar="NAMES",
+        help="also calibrate and evaluate these pseudo-label folders, trained on by no row "
+        f"(comma-separated, some of {', '.join(CALIBRATIONS)}, or 'all'; default: none, "
+        "all with --sweep)",
+    )
+    ap.add_argument(
         "--sweep",
         default=None,
         metavar="KEY=V1,V2,...",
@@ -865,6 +900,13 @@ def main() -> None:
         raise SystemExit(
             f"ablation: --rows {unknown[0]!r} is not a row; expected some of {sorted(known)}"
         )
+    spec = args.pseudo_only if args.pseudo_only is not None else ("all" if args.sweep else "")
+    pseudo_only = list(CALIBRATIONS) if spec == "all" else [k for k in spec.split(",") if k]
+    if bad := [k for k in pseudo_only if k not in CALIBRATIONS]:
+        raise SystemExit(
+            f"ablation: --pseudo-only {bad[0]!r} is not a pseudo-label folder; expected some "
+            f"of {sorted(CALIBRATIONS)} or 'all'"
+        )
     if args.eval_last < 1:
         raise SystemExit(f"ablation: --eval-last {args.eval_last}: expected an integer >= 1")
     opt = Options(
@@ -876,6 +918,7 @@ def main() -> None:
         train_set=args.train_set,
         data_set=args.data_set,
         out=None if args.sweep else args.out,
+        pseudo_only=tuple(pseudo_only),
     )
     if args.sweep:
         key = sweep_values(args.sweep)[0]

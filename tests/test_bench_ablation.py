@@ -179,6 +179,11 @@ def test_sweep_values_and_tables(tmp_path: Path) -> None:
     assert "| labeled only < CP | 0, 1 | holds everywhere |" in md
     content["points"][1]["comparisons"][0]["verdict"] = "undecided"
     assert A.stops(content)[0]["stops_at"] == "1"
+    # folders trained on by no row (--pseudo-only) are read from pseudo_quality, in the
+    # calibrations' order, "—" where a point has none (e.g. its calibration failed)
+    content["points"][0]["pseudo_quality"] = {"recall": {"object_recall": 0.81}}
+    assert A.pseudo_names(content["points"]) == ["cp", "recall"]
+    assert "| recall: object recall % | 81.0 | — |" in A.sweep_table(content)
     A.plot_sweep(content, tmp_path)
     for name in ("sweep_miou.png", "sweep_pseudo.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
