@@ -47,7 +47,8 @@ train: $(STAMP)
 # unchanged (ABLATION_JOBS=1: one training run at a time on one GPU).
 ABLATION_JOBS ?= 2
 ABLATION_ROWS ?= labeled_only,raw,cp,cp_stage2,cp_unimatch,threshold,risk,cp_class,recall
-ABLATION_ARGS ?= --seeds 0,1,2,3,4 --jobs $(ABLATION_JOBS) --rows $(ABLATION_ROWS)
+ABLATION_ARGS ?= --seeds 0,1,2,3,4 --until-half-width 5 --max-seeds 10 \
+	--jobs $(ABLATION_JOBS) --rows $(ABLATION_ROWS)
 ABLATION_DATA ?=
 ablation: $(STAMP)
 	$(PY) bench/ablation.py --config $(CONFIG) $(ABLATION_ARGS) $(ABLATION_DATA)

@@ -291,7 +291,7 @@ def object_figures(q: dict[str, Any], background: str | None) -> dict[str, Any]:
 
 def summarise(
     rows: list[Row],
-    seeds: list[int],
+    seeds: list[int] | dict[str, list[int]],
     out: Path,
     quality: dict[str, dict],
     quality_set: str,
@@ -300,12 +300,13 @@ def summarise(
     background: str | None = None,
 ) -> list[dict[str, Any]]:
     """Per row: mIoU per seed, its t-interval and the paired differences to the baselines
-    (a row in ``same_as`` reads its twin's runs)."""
+    (a row in ``same_as`` reads its twin's runs; ``seeds`` per row where rows have their own;
+    differences are over the seeds both rows have)."""
     same_as = same_as or {}
     miou: dict[str, dict[int, float]] = {}
     for row in rows:
         miou[row.key] = {}
-        for s in seeds:
+        for s in seeds[row.key] if isinstance(seeds, dict) else seeds:
             v = run_miou(out / "runs" / same_as.get(row.key, row.key) / f"seed{s}", eval_last)
             if v is not None:
                 miou[row.key][s] = v
@@ -388,6 +389,12 @@ def pct(v: float | None) -> str:
     return "—" if v is None else f"{100 * v:.1f}"
 
 
+def n_note(r: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    """ " (n = N)" where a row has more seeds than the fewest any row has, else ""."""
+    n, least = r["miou_ci"]["n"], min(x["miou_ci"]["n"] for x in results)
+    return f" (n = {n})" if n > least else ""
+
+
 def table(results: list[dict[str, Any]], header: str, comps: list[dict] | None = None) -> str:
     lines = [
         header,
@@ -401,7 +408,7 @@ def table(results: list[dict[str, Any]], header: str, comps: list[dict] | None =
         twin = r.get("same_runs_as")
         title = r["title"] + (f" (same pseudo-labels as `{twin}`: same runs)" if twin else "")
         lines.append(
-            f"| {i} | {title} | {fmt_ci(r['miou_ci'])} | "
+            f"| {i} | {title} | {fmt_ci(r['miou_ci'])}{n_note(r, results)} | "
             f"{fmt_ci(r['diff_labeled_only'], True)} | {fmt_ci(r['diff_raw'], True)} | "
             f"{pct(p['kept_fraction'])} | {pct(p['kept_accuracy'])} | {pct(p['miou'])} | "
             f"{pct(p.get('object_recall'))} | {pct(p.get('object_precision'))} |"
@@ -428,6 +435,10 @@ class Options:
     report_dir: str | None = None  # where ablation.md/.json go (default: the output folder)
     # pseudo-label folders calibrated and evaluated beyond the rows' own, trained on by no row
     pseudo_only: tuple[str, ...] = ()
+    # sequential seeds: a row whose interval is wider than ± until_half_width after ``seeds``
+    # gets the next seed, one at a time, up to max_seeds seeds (0: off)
+    until_half_width: float = 0.0
+    max_seeds: int = 10
 
 
 def run_ablation(opt: Options) -> dict[str, Any]:
@@ -544,18 +555,26 @@ def run_ablation(opt: Options) -> dict[str, Any]:
     same_as = twins(rows, {n: folder_digest(out / "pseudo" / n) for n in needed})
     for key, twin in same_as.items():
         print(f"ablation: {key} has the same pseudo-labels as {twin}: its runs are {twin}'s")
+    row_seeds = {r.key: list(seeds) for r in rows}
     jobs = [(r, s) for r, s in train_jobs(rows, seeds) if r.key not in same_as]
-    with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
-        futures = [pool.submit(train, j) for j in jobs]
-        for done in as_completed(futures):
-            if done.exception() is not None:  # stop at the first failure: start nothing more
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise done.exception()
+    while jobs:
+        with ThreadPoolExecutor(max_workers=max(1, opt.jobs)) as pool:
+            futures = [pool.submit(train, j) for j in jobs]
+            for done in as_completed(futures):
+                if done.exception() is not None:  # stop at the first failure: start no more
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise done.exception()
+        jobs = more_seeds(rows, row_seeds, out, same_as, opt)
+        for r, s in jobs:
+            row_seeds[r.key].append(s)
+            print(f"ablation: {r.key}'s interval is wider than ± {opt.until_half_width}: seed {s}")
+    for key, twin in same_as.items():
+        row_seeds[key] = row_seeds[twin]
 
     bg = m.meta.background_index
     background = m.classes[bg] if bg is not None else None
     results = summarise(
-        rows, seeds, out, quality, quality_set or "", same_as, opt.eval_last, background
+        rows, row_seeds, out, quality, quality_set or "", same_as, opt.eval_last, background
     )
     comps = comparisons(results)
     tc = cfg.get("train", {})
@@ -565,7 +584,14 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         else f"val mIoU (%), mean of the last {opt.eval_last} evaluations"
     )
     header = (
-        f"`{m.meta.dataset}` ({mpath}): {figure} over seeds {seeds}, mean ± 95 % "
+        f"`{m.meta.dataset}` ({mpath}): {figure} over seeds {seeds}"
+        + (
+            f" (a row wider than ± {opt.until_half_width:g} then got the next seed, one at a "
+            f"time, up to {opt.max_seeds}: its n is shown)"
+            if opt.until_half_width > 0
+            else ""
+        )
+        + ", mean ± 95 % "
         "t-interval half-width; Δ: mean paired difference (same seed) ± its 95 % "
         "t-interval half-width, * where the interval excludes 0. Annotator's own val mIoU "
         f"{pct(ann)} %. Schedule: batch {tc.get('batch_size', 8)} + "
@@ -579,6 +605,8 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         "config": str(config),
         "data_set": parse_sets(opt.data_set),
         "seeds": seeds,
+        "row_seeds": row_seeds,
+        "until_half_width": opt.until_half_width,
         "eval_last": opt.eval_last,
         "annotator_val_miou": ann,
         "qhat": _qhat(out / "pseudo" / "cp"),
@@ -594,7 +622,7 @@ def run_ablation(opt: Options) -> dict[str, Any]:
         "comparisons": comps,
         "pseudo_quality_set": quality_set,
         "wall_s": time.perf_counter() - t0,
-        "train_cost": costs(out, rows, seeds, same_as),
+        "train_cost": costs(out, rows, row_seeds, same_as),
         "prep_cost_this_call": prep,
     }
     report = Path(opt.report_dir) if opt.report_dir else out
@@ -606,7 +634,33 @@ def run_ablation(opt: Options) -> dict[str, Any]:
     return content
 
 
-def costs(out: Path, rows: list[Row], seeds: list[int], same_as: dict[str, str]) -> dict[str, Any]:
+def more_seeds(
+    rows: list[Row],
+    row_seeds: dict[str, list[int]],
+    out: Path,
+    same_as: dict[str, str],
+    opt: Options,
+) -> list[tuple[Row, int]]:
+    """The next (row, seed) of every row whose interval over its seeds so far is wider than
+    ``opt.until_half_width`` and that has fewer than ``opt.max_seeds`` seeds (none when the
+    rule is off)."""
+    if opt.until_half_width <= 0:
+        return []
+    todo = []
+    for r in rows:
+        seeds = row_seeds[r.key]
+        if r.key in same_as or len(seeds) >= opt.max_seeds:
+            continue
+        values = [run_miou(out / "runs" / r.key / f"seed{s}", opt.eval_last) for s in seeds]
+        hw = t_interval([v for v in values if v is not None])["half_width"]
+        if hw is not None and hw > opt.until_half_width:
+            todo.append((r, max(seeds) + 1))
+    return todo
+
+
+def costs(
+    out: Path, rows: list[Row], seeds: dict[str, list[int]], same_as: dict[str, str]
+) -> dict[str, Any]:
     """Per row, the mean wall and CPU seconds of its training runs (as recorded when they
     ran; runs of a twin row are counted once), and the totals."""
     per_row, cpu, wall = {}, 0.0, 0.0
@@ -614,7 +668,7 @@ def costs(out: Path, rows: list[Row], seeds: list[int], same_as: dict[str, str])
         if row.key in same_as:
             continue
         recs = []
-        for s in seeds:
+        for s in seeds[row.key]:
             f = out / "logs" / f"train_{row.key}_seed{s}.cost.json"
             if f.is_file():
                 recs.append(json.loads(f.read_text()))
@@ -878,6 +932,16 @@ def main() -> None:
         help="demo variant: override a [data] key (TOML value), e.g. demo_seed=1",
     )
     ap.add_argument(
+        "--until-half-width",
+        type=float,
+        default=0.0,
+        metavar="H",
+        help="sequential seeds: a row whose 95 %% interval after --seeds is wider than ± H "
+        "mIoU gets the next seed, one at a time, until it is not or it has --max-seeds "
+        "(default 0: off)",
+    )
+    ap.add_argument("--max-seeds", type=int, default=10, help="with --until-half-width")
+    ap.add_argument(
         "--pseudo-only",
         default=None,
         metavar="NAMES",
@@ -919,6 +983,8 @@ def main() -> None:
         data_set=args.data_set,
         out=None if args.sweep else args.out,
         pseudo_only=tuple(pseudo_only),
+        until_half_width=args.until_half_width,
+        max_seeds=args.max_seeds,
     )
     if args.sweep:
         key = sweep_values(args.sweep)[0]

@@ -222,3 +222,26 @@ def test_a_sweep_runs_each_value_and_keeps_the_configs_own_tables(
     assert [p["value"] for p in content["points"]] == [0.5, 0.75]
     for name in ("sweep.md", "sweep.json", "sweep_miou.png", "sweep_pseudo.png"):
         assert (tmp_path / "sweep" / name).is_file()
+
+
+def test_sequential_seeds_go_to_the_wide_rows_only(tmp_path: Path) -> None:
+    runs = {"labeled_only": [60, 61, 60.5], "cp": [40, 55, 47], "raw": [30, 45, 38, 39]}
+    for key, values in runs.items():
+        for seed, v in enumerate(values):
+            f = tmp_path / "runs" / key / f"seed{seed}" / "final.json"
+            f.parent.mkdir(parents=True)
+            f.write_text(json.dumps({"miou": v / 100}))
+    rows = [r for r in A.ROWS if r.key in runs]
+    row_seeds = {"labeled_only": [0, 1, 2], "cp": [0, 1, 2], "raw": [0, 1, 2, 3]}
+    opt = A.Options("c", rows, [0, 1, 2], 1, 1, [], [], until_half_width=5.0, max_seeds=4)
+    # labeled only: ± 1.2, narrow; cp: ± 18.6, gets seed 3; raw: wide but at max_seeds
+    assert [(r.key, s) for r, s in A.more_seeds(rows, row_seeds, tmp_path, {}, opt)] == [
+        ("cp", 3)
+    ]
+    assert A.more_seeds(rows, row_seeds, tmp_path, {"cp": "raw"}, opt) == []  # twins: never
+    off = A.Options("c", rows, [0, 1, 2], 1, 1, [], [])
+    assert A.more_seeds(rows, row_seeds, tmp_path, {}, off) == []
+    res = A.summarise(rows, row_seeds, tmp_path, {}, "unlabeled")
+    raw = next(r for r in res if r["row"] == "raw")
+    assert raw["miou_ci"]["n"] == 4 and raw["diff_labeled_only"]["n"] == 3  # common seeds
+    assert "38.0 ± " in A.table(res, "h") and "(n = 4)" in A.table(res, "h")
