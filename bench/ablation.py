@@ -26,8 +26,10 @@ Paired seeds: a seed fixes the model's initialisation and, through the trainer's
 pure function of seed, stream and position), the order of the labeled and unlabeled batches and
 their augmentations, so every row sees the same batches and rows differ only in their pseudo-
 labels. A run's figure is its val mIoU at the end of training, or with ``--eval-last N`` the
-mean of its last N evaluations in ``metrics.jsonl`` (see docs/ablation.md for why). Each row
-reports its mean with a 95 % t-interval over the seeds, the mean paired difference to
+mean of its last N evaluations in ``metrics.jsonl``. With ``--until-half-width H`` a row whose
+interval over ``--seeds`` is wider than ± H gets the next seed, one at a time, until it is not
+or has ``--max-seeds`` (docs/ablation.md: what that costs in coverage). Each row
+reports its mean with a 95 % t-interval over its seeds, the mean paired difference to
 "labeled only" and to "raw" with its 95 % t-interval (the interval of the per-seed
 differences), and the paper's claims as paired comparisons. Pseudo-label quality comes from
 ``python -m calibrate evaluate`` on the unlabeled images' true labels where the manifest has
@@ -41,7 +43,9 @@ partial run still gives paired rows. Writes ``ablation.md`` (the tables) and
 ``ablation.json`` (every figure) to the output folder, and prints the tables. A sweep runs
 the ablation once per value (each value its own dataset, annotator and run folder; the
 config's own value is the config itself) and writes ``sweep.md``, ``sweep.json``,
-``sweep_miou.png`` and ``sweep_pseudo.png``.
+``sweep_miou.png`` and ``sweep_pseudo.png``; there ``--pseudo-only`` (default: every
+calibration) also calibrates and evaluates the filters no row trains on, so the pseudo-label
+plot shows them all.
 """
 
 from __future__ import annotations
