@@ -801,9 +801,10 @@ def sweep_table(content: dict[str, Any]) -> str:
 
 
 def stops(content: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per claim: the values where it holds (its interval above 0) and the first value, in
-    increasing order, from which it no longer holds ("holds everywhere" if none, "never
-    holds" if it holds nowhere; a claim that holds again later is listed by its values)."""
+    """Per claim: the values where it holds (its interval above 0) and, in increasing order,
+    the first value after the first holding one where it no longer holds ("holds everywhere",
+    "never holds", or "holds from V on"; a claim that holds again later is listed by its
+    values)."""
     points = sorted(content["points"], key=lambda p: float(p["value"]))
     out = []
     for ck in [c["key"] for c in points[0]["comparisons"]] if points else []:
@@ -814,11 +815,14 @@ def stops(content: dict[str, Any]) -> list[dict[str, Any]]:
             claim = c["claim"] if c else claim
             verdicts.append((p["value"], c["verdict"] if c else "—"))
         holds = [v for v, d in verdicts if d == "holds"]
-        first_not = next((v for v, d in verdicts if d != "holds"), None)
+        start = next((i for i, (_, d) in enumerate(verdicts) if d == "holds"), len(verdicts))
+        first_not = next((v for v, d in verdicts[start:] if d != "holds"), None)
         if not holds:
             at = "never holds"
-        elif first_not is None:
+        elif len(holds) == len(verdicts):
             at = "holds everywhere"
+        elif first_not is None:
+            at = f"holds from {holds[0]} on"
         else:
             at = str(first_not)
         out.append({"key": ck, "claim": claim, "holds_at": holds, "stops_at": at})

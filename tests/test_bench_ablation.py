@@ -180,6 +180,13 @@ def test_sweep_values_and_tables(tmp_path: Path) -> None:
     assert "| labeled only < CP | 0, 1 | holds everywhere |" in md
     content["points"][1]["comparisons"][0]["verdict"] = "undecided"
     assert A.stops(content)[0]["stops_at"] == "1"
+    # not holding at the smallest gap, then holding, then not: it stops where it stops
+    three = {**content, "points": [point(0, 0.0), point(0.5, 0.0), point(1, 0.0)]}
+    for p, verdict in zip(three["points"], ("undecided", "holds", "undecided"), strict=True):
+        p["comparisons"][0]["verdict"] = verdict
+    assert A.stops(three)[0]["stops_at"] == "1" and A.stops(three)[0]["holds_at"] == [0.5]
+    three["points"][2]["comparisons"][0]["verdict"] = "holds"
+    assert A.stops(three)[0]["stops_at"] == "holds from 0.5 on"
     # folders trained on by no row (--pseudo-only) are read from pseudo_quality, in the
     # calibrations' order, "—" where a point has none (e.g. its calibration failed)
     content["points"][0]["pseudo_quality"] = {"recall": {"object_recall": 0.81}}
