@@ -52,7 +52,7 @@ def run(
     alpha: Annotated[float | None, typer.Option(help="Miscoverage α in (0, 1).")] = None,
     mode: Annotated[str | None, typer.Option(help="pixel, class or image.")] = None,
     score: Annotated[str | None, typer.Option(help="lac (1 − p_y) or aps.")] = None,
-    method: Annotated[str | None, typer.Option(help="cp, raw, threshold or risk.")] = None,
+    method: Annotated[str | None, typer.Option(help="cp, raw, threshold, risk or recall.")] = None,
     risk: Annotated[
         float | None,
         typer.Option(help="Method risk: ε in (0, 1), the kept-pixel error to control."),
@@ -62,6 +62,10 @@ def run(
         typer.Option(help="Method risk: crc (guarantee in expectation) or ltt (w.p. 1 − δ)."),
     ] = None,
     delta: Annotated[float | None, typer.Option(help="Method risk with ltt: δ in (0, 1).")] = None,
+    miss: Annotated[
+        float | None,
+        typer.Option(help="Method recall: ε in (0, 1), the miss rate of every object class."),
+    ] = None,
     background_rule: Annotated[
         str | None, typer.Option(help="auto, prefer_foreground or most_probable.")
     ] = None,
@@ -119,6 +123,7 @@ def run(
         risk=risk,
         risk_control=risk_control,
         delta=delta,
+        miss=miss,
         background_rule=background_rule,
         max_set_size=max_set_size,
         threshold=threshold,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 MODES = ("pixel", "class", "image")
-METHODS = ("cp", "raw", "threshold", "risk")
+METHODS = ("cp", "raw", "threshold", "risk", "recall")
 RISK_CONTROLS = ("crc", "ltt")
 BACKGROUND_RULES = ("auto", "prefer_foreground", "most_probable")
 DEFAULT_ALPHAS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
@@ -24,8 +24,10 @@ class CalibrateConfig:
         mode: "pixel" (one q̂ over all labeled pixels), "class" (one q̂ per true class) or
             "image" (one score per labeled image, q̂ over images).
         score: "lac" (1 − p_y) or "aps" (mass of the classes ranked at or above y).
-        method: which pseudo-labels to write: "cp", "raw" (annotator argmax), "threshold" or
-            "risk" (the confidence threshold whose kept-pixel error is controlled at ``risk``).
+        method: which pseudo-labels to write: "cp", "raw" (annotator argmax), "threshold",
+            "risk" (the confidence threshold whose kept-pixel error is controlled at ``risk``)
+            or "recall" (per-class thresholds, each object class's miss rate certified at
+            ``miss``).
         background_rule: "auto" (prefer foreground when the manifest names a background class),
             "prefer_foreground" (requires one) or "most_probable" (rule off).
         max_set_size: method "cp": pixels whose set holds more classes than this become 255
@@ -37,6 +39,8 @@ class CalibrateConfig:
         risk_control: method "risk": "crc" (conformal risk control, a guarantee in expectation)
             or "ltt" (Learn then Test, a guarantee with probability ≥ 1 − delta).
         delta: method "risk" with "ltt": δ in (0, 1).
+        miss: method "recall": ε in (0, 1), the miss rate of every object class to certify
+            (the fraction of a class's pixels in an image not labeled with it).
         class_min_pixels: in mode "class", classes with fewer calibration pixels use the pooled
             pixel-wise q̂; 0 = always the class's own q̂ (1 when its rank exceeds its count).
         topk_undetermined_max: on a top-k cache, pixels whose label the stored classes leave
@@ -58,13 +62,14 @@ class CalibrateConfig:
     alpha: float = 0.05
     mode: Literal["pixel", "class", "image"] = "pixel"
     score: Literal["lac", "aps"] = "lac"
-    method: Literal["cp", "raw", "threshold", "risk"] = "cp"
+    method: Literal["cp", "raw", "threshold", "risk", "recall"] = "cp"
     background_rule: Literal["auto", "prefer_foreground", "most_probable"] = "auto"
     threshold: float | None = None
     max_set_size: int = 0
     risk: float = 0.1
     risk_control: Literal["crc", "ltt"] = "crc"
     delta: float = 0.1
+    miss: float = 0.2
     class_min_pixels: int = 100
     topk_undetermined_max: float = 0.001
     held_out_fraction: float = 0.5
@@ -88,6 +93,8 @@ class CalibrateConfig:
             raise ValueError(f"threshold = {self.threshold!r}: expected a number in (0, 1]")
         if not 0.0 < self.risk < 1.0:
             raise ValueError(f"risk = {self.risk!r}: expected a number in (0, 1)")
+        if not 0.0 < self.miss < 1.0:
+            raise ValueError(f"miss = {self.miss!r}: expected a number in (0, 1)")
         if not 0.0 < self.delta < 1.0:
             raise ValueError(f"delta = {self.delta!r}: expected a number in (0, 1)")
         if self.max_set_size < 0:

@@ -9,11 +9,13 @@ Three image sets, each where it exists:
 - ``val``: the val images in the cache; the rule that wrote the PNGs, re-applied.
 
 For every folder and set: kept fraction, accuracy of kept pixels, per-class precision (over kept
-pixels) and recall (over all labeled pixels, so dropped pixels count as missed), and mIoU over
-kept pixels (dropped pixels excluded, as the trainer ignores them). For every set, the
-annotator's risk-coverage curve: kept fraction and error of kept pixels of its argmax as a
-confidence threshold on max p moves over :func:`calibrate.risk.tau_grid`. One Dask pass; every
-task returns integer count tables that add up in a tree.
+pixels) and recall (over all labeled pixels, so dropped pixels count as missed), the mean over
+images of each class's per-image recall (over the images that contain it: what method "recall"
+certifies), and mIoU over kept pixels (dropped pixels excluded, as the trainer ignores
+them). For every set, the annotator's risk-coverage curve: kept fraction and error of kept
+pixels of its argmax as a confidence threshold on max p moves over
+:func:`calibrate.risk.tau_grid`. One Dask pass; every task returns integer count tables that
+add up in a tree.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from annotate.cache import Cache, open_cache
+from calibrate import recall as C
 from calibrate import risk as R
+from calibrate import topk as T
 from calibrate.folder import check_pseudo_folder, refuse_changed, refuse_incomplete, state
 from calibrate.job import check_inputs
 from calibrate.merge import merge
@@ -160,6 +164,25 @@ def confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(t * (k + 1) + p, minlength=k * (k + 1)).reshape(k, k + 1)
 
 
+def image_recall(m: np.ndarray) -> dict[str, np.ndarray]:
+    """Per class, from one image's confusion table (K, K+1): whether the image contains it and
+    its recall in fixed point (:data:`calibrate.risk.SCALE`, rounded up; 0 where absent), so
+    that sums over images are exact integers in any order. int64 (K,) each."""
+    n = m.sum(axis=1)
+    return {"image_present": (n > 0).astype(np.int64), "image_recall": R.fixed_ratio(np.diag(m), n)}
+
+
+def reachable_miss(truth: np.ndarray, pred: np.ndarray, f: np.ndarray, k: int) -> dict:
+    """Method recall's certified quantity on one image: per class c, whether the image has
+    reachable pixels of c (true class c, most probable foreground class c) and the fraction
+    of them not labeled c, in fixed point (rounded up). int64 (K,) each."""
+    valid = truth != IGNORE_INDEX
+    reach = valid & (f == truth)
+    r = np.bincount(truth[reach], minlength=k)[:k].astype(np.int64)
+    tp = np.bincount(truth[reach & (pred == truth)], minlength=k)[:k].astype(np.int64)
+    return {"reach_present": (r > 0).astype(np.int64), "reach_miss": R.fixed_ratio(r - tp, r)}
+
+
 def _read_pseudo(folder: Folder, image_id: str, shape: tuple[int, ...], k: int) -> np.ndarray:
     path = id_path(folder.path, image_id)
     if not path.is_file():
@@ -237,7 +260,12 @@ def count_batch(batch: list[Item], ctx: EvalCtx) -> dict:
                 pred = label_image(probs, f.rule)
             else:
                 continue
-            r["folders"][f.name] = {"images": 1, "confusion": confusion(truth, pred, k)}
+            cm = confusion(truth, pred, k)
+            r["folders"][f.name] = {"images": 1, "confusion": cm, **image_recall(cm)}
+            if f.rule is not None and f.rule.method == "recall":
+                x = T.read_unlabeled(cache, it.id) if it.role == "unlabeled" else probs
+                fg = C.top_foreground(x, f.rule.background)[0]
+                r["folders"][f.name].update(reachable_miss(truth, pred, fg, k))
         out = merge(out, {it.role: r})
     return out
 
@@ -246,8 +274,11 @@ def _ratio(a: float, b: float) -> float | None:
     return round(float(a) / float(b), 6) if b else None
 
 
-def quality(m: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    """Figures of one confusion table (K, K+1) (see :func:`confusion`)."""
+def quality(
+    m: np.ndarray, classes: list[str], per_image: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Figures of one confusion table (K, K+1) (see :func:`confusion`), and with the summed
+    :func:`image_recall` of its images each class's mean per-image recall."""
     k = len(classes)
     kept_m = m[:, :k]
     tp = np.diag(kept_m)
@@ -265,7 +296,27 @@ def quality(m: np.ndarray, classes: list[str]) -> dict[str, Any]:
         "precision": {c: _ratio(tp[i], pred_c[i]) for i, c in enumerate(classes)},
         "recall": {c: _ratio(tp[i], true_c[i]) for i, c in enumerate(classes)},
         "iou": {c: _ratio(tp[i], union[i]) for i, c in enumerate(classes)},
+        **_per_image_figures(per_image, classes),
     }
+
+
+def _per_image_figures(r: dict | None, classes: list[str]) -> dict[str, Any]:
+    """Per class, means over images: ``mean_image_recall`` (over the images that contain the
+    class) and, for method recall's folders, ``mean_reachable_miss`` (its certified quantity,
+    over the images with reachable pixels of the class)."""
+
+    def mean(total: np.ndarray, n: np.ndarray) -> dict[str, float | None]:
+        return {
+            c: round(float(total[i]) / R.SCALE / int(n[i]), 6) if n[i] else None
+            for i, c in enumerate(classes)
+        }
+
+    out: dict[str, Any] = {}
+    if r is not None and "image_recall" in r:
+        out["mean_image_recall"] = mean(r["image_recall"], r["image_present"])
+    if r is not None and "reach_miss" in r:
+        out["mean_reachable_miss"] = mean(r["reach_miss"], r["reach_present"])
+    return out
 
 
 def curve(r: dict) -> dict[str, Any]:
@@ -383,7 +434,7 @@ def summarise(res: dict, manifest: Manifest, cache: Cache, folders: list[Folder]
             "annotator_argmax": quality(r["argmax"], classes),
             "risk_coverage": curve(r),
             "folders": {
-                name: {"images": int(v["images"]), **quality(v["confusion"], classes)}
+                name: {"images": int(v["images"]), **quality(v["confusion"], classes, v)}
                 for name, v in r["folders"].items()
             },
         }

@@ -9,7 +9,8 @@ Passes (each a Dask map-reduce over batches of images, see :mod:`calibrate.runne
 3. held-out and val images: report figures;
 4. (method "threshold" without a given threshold) unlabeled images, twice: the confidence
    threshold that keeps as many pixels as CP; (method "risk") labeled and val images: the
-   per-image risk tables (:mod:`calibrate.risk`);
+   per-image risk tables (:mod:`calibrate.risk`); (method "recall") labeled and val images:
+   the per-class miss-rate tables (:mod:`calibrate.recall`);
 5. unlabeled images: the pseudo-label PNGs.
 
 Nothing is written before passes 1-4 have checked every input. Pass 5 writes the PNGs that
@@ -31,6 +32,7 @@ import numpy as np
 
 from annotate.cache import Cache, open_cache
 from calibrate import quantile as Q
+from calibrate import recall as C
 from calibrate import report
 from calibrate import risk as R
 from calibrate import sets as S
@@ -53,6 +55,7 @@ from calibrate.tasks import (
     calib_high,
     calib_low,
     evaluate,
+    labeled_stats,
     unlabeled_counts,
     write_pseudo,
 )
@@ -291,6 +294,12 @@ def check_topk(cache: Cache, plan: Plan, conf: CalibrateConfig) -> bool:
     if cache.meta.topk <= 0 or not plan.unlabeled:
         return False
     resized = isinstance(read_unlabeled(cache, plan.unlabeled[0]), Bounds)
+    if resized and conf.method == "recall":
+        raise UserError(
+            f"{cache.path}: image {plan.unlabeled[0]!r} is stored as top-k at a resolution "
+            "other than the image's, so method 'recall' cannot rank its classes exactly; "
+            "expected a cache annotated with resolution = 'image' or topk = 0"
+        )
     needs_cp = conf.method == "cp" or (conf.method == "threshold" and conf.threshold is None)
     if resized and conf.score == "aps" and needs_cp:
         raise UserError(
@@ -401,18 +410,29 @@ def _run(
                 tau, n_cp, _ = matched_threshold(runner, u_items, ctx, qhat, conf.batch)
         timings["threshold_s"] = time.perf_counter() - t
         quantize = 0 < cache.meta.topk < cache.num_classes
-        if conf.method == "risk":
+        if conf.method in ("risk", "recall"):
             t = time.perf_counter()
-            risk_fig = _risk_pass(runner, plan, label_of, ctx, conf, quantize)
-            tau = risk_fig["tau"]
-            timings["risk_s"] = time.perf_counter() - t
+            stats = _labeled_pass(runner, plan, label_of, ctx, conf, quantize)
+            if conf.method == "risk":
+                risk_fig = risk_figures(stats, conf, bool(plan.held))
+                tau = risk_fig["tau"]
+            else:
+                # the paper's threshold, for classes too rare in the labeled images to certify
+                fallback = {k: float(1 - np.float32(v["pooled"][ia])) for k, v in qinfo.items()}
+                classes = list(manifest.classes)
+                risk_fig = recall_figures(stats, conf, classes, ctx.background, fallback)
+            timings[f"{conf.method}_s"] = time.perf_counter() - t
         rules = make_rules(conf, ctx, qmat, ia, tau, risk_fig, quantize)
+        png_rule = rules["pngs"]
 
         # PNGs that differ from those in out_dir go to a staging folder first: nothing in
         # out_dir changes until every label is computed and checked
         stage = staging_dir(out_dir)
         shutil.rmtree(stage, ignore_errors=True)
         t = time.perf_counter()
+        thresholds = None
+        if png_rule is not None and png_rule.thresholds is not None:
+            thresholds = np.asarray(png_rule.thresholds, np.float32)
         try:
             wr = _run_pass(
                 runner,
@@ -427,6 +447,7 @@ def _run(
                 out_dir=str(out_dir),
                 stage_dir=str(stage),
                 palette=manifest.palette,
+                thresholds=thresholds,
             )
         except Exception:  # a refused run (a damaged image, ...) leaves nothing behind
             shutil.rmtree(stage, ignore_errors=True)
@@ -469,7 +490,7 @@ class Outcome:
     tau: float | None
     n_cp: int | None
     rules: dict[str, Rule | None]
-    risk: dict[str, Any] | None
+    risk: dict[str, Any] | None  # method risk or recall: its figures
 
 
 def _commit(
@@ -554,21 +575,30 @@ def _report_pass(
     return _run_pass(runner, evaluate, items, conf.batch, "report", ctx=ctx, qhats=qhats)
 
 
-def _risk_pass(
+def _labeled_pass(
     runner: Runner,
     plan: Plan,
     label_of: dict[str, str | None],
     ctx: Ctx,
     conf: CalibrateConfig,
     quantize: bool,
-) -> dict[str, Any]:
-    """Method risk: the per-image risk tables of the labeled and val images, and τ̂."""
+) -> dict:
+    """Methods risk and recall: their per-image tables of the labeled and val images, summed
+    by role."""
     items = [Item(i, label_of[i], "cal") for i in plan.cal]
     items += [Item(i, label_of[i], "held") for i in plan.held]
     items.sort(key=lambda it: it.id)
     items += [Item(i, label_of[i], "val") for i in plan.val]
-    stats = _run_pass(runner, R.risk_pass, items, conf.batch, "risk", ctx=ctx, quantize=quantize)
-    return risk_figures(stats, conf, bool(plan.held))
+    return _run_pass(
+        runner,
+        labeled_stats,
+        items,
+        conf.batch,
+        conf.method,
+        ctx=ctx,
+        method=conf.method,
+        quantize=quantize,
+    )
 
 
 def _figures(
@@ -591,7 +621,8 @@ def _figures(
         "classes": list(manifest.classes),
         "qhat": report.qhat_json(qinfo["all"], ia, conf, manifest.classes),
         "rule": {k: (v.to_json() if v is not None else None) for k, v in out.rules.items()},
-        "risk": out.risk,
+        "risk": out.risk if conf.method == "risk" else None,
+        "recall": out.risk if conf.method == "recall" else None,
         "qhat_used_by_pngs": report.PNG_RULE.get(conf.method, "q̂ from all labeled images"),
         "calibration": {
             "images": len(plan.cal) + len(plan.held),
@@ -683,6 +714,50 @@ def risk_figures(stats: dict, conf: CalibrateConfig, has_held: bool) -> dict[str
     return out
 
 
+def recall_figures(
+    stats: dict,
+    conf: CalibrateConfig,
+    classes: list[str],
+    background: int | None,
+    fallback: dict[str, float],
+) -> dict[str, Any]:
+    """Method "recall": per-class thresholds from all labeled images (the PNGs) and from the
+    calibration part (the held-out figures), what certifies them, and per class the mean miss
+    rate, recall and precision on held-out and val images.
+
+    Args:
+        fallback: the threshold of classes that cannot be certified, from all labeled images
+            ("all") and from the calibration part ("cal"): the paper's 1 − q̂ of each.
+    """
+    grid = C.class_grid()
+    every = merge(stats.get("cal"), stats.get("held"))
+    if not every or not every["images"]:
+        raise UserError("method recall: no labeled image has a labeled pixel to calibrate on")
+    sel = C.select(every, grid, conf.miss, classes, background, fallback["all"])
+    out: dict[str, Any] = {
+        "epsilon": conf.miss,
+        "loss": "per image and class c present in it: 1 - (pixels of c labeled c) / (pixels of c)",
+        "guarantee": C.GUARANTEE,
+        "background_index": background,
+        "thresholds": C.thresholds(sel, classes),
+        "fallback": fallback["all"],
+        "certified": [s.cls for s in sel if s.certified],
+        "not_certified": [s.cls for s in sel if not s.certified],
+        "selection": [s.to_json() for s in sel],
+        "held_out": None,
+        "val": C.at(stats.get("val"), sel, classes) if stats.get("val") else None,
+    }
+    if "cal" in fallback and stats.get("cal"):
+        held_sel = C.select(stats["cal"], grid, conf.miss, classes, background, fallback["cal"])
+        out["held_out"] = {
+            "thresholds": C.thresholds(held_sel, classes),
+            "certified": [s.cls for s in held_sel if s.certified],
+            "selection": [s.to_json() for s in held_sel],
+            "figures": C.at(stats.get("held"), held_sel, classes),
+        }
+    return out
+
+
 def make_rules(
     conf: CalibrateConfig,
     ctx: Ctx,
@@ -706,6 +781,18 @@ def make_rules(
         elif conf.method == "risk":
             t = risk_fig["tau"] if key == "pngs" else risk_fig["held_out"]["tau"]
             out[key] = Rule("risk", tau=t, quantize=quantize)
+        elif conf.method == "recall":
+            part = risk_fig if key == "pngs" else risk_fig["held_out"]
+            out[key] = (
+                None
+                if part is None
+                else Rule(
+                    "recall",
+                    background=ctx.background,
+                    quantize=quantize,
+                    thresholds=tuple(part["thresholds"]),
+                )
+            )
         else:
             q = qmat[subset][ia]
             fg = S.informative(q, ctx.mode)

@@ -160,12 +160,14 @@ PNG_RULE = {
     "threshold": "none: the confidence threshold unlabeled.threshold",
     "raw": "none: the raw argmax",
     "risk": "none: the risk-controlled threshold risk.tau",
+    "recall": "none: the per-class thresholds recall.thresholds",
 }
 _QHAT_ROLE = {
     "cp": "q̂ (all labeled images; used by the PNGs)",
     "threshold": "q̂ (CP's, all labeled images; τ keeps as many pixels as it)",
     "raw": "q̂ (CP's, for the figures; the PNGs are the raw argmax)",
     "risk": "q̂ (CP's, for the figures; the PNGs use τ, below)",
+    "recall": "q̂ (CP's; the threshold of classes too rare to certify is 1 − q̂)",
 }
 
 
@@ -243,7 +245,47 @@ def summary_tables(fig: dict[str, Any]) -> list[Any]:
         )
     if fig.get("risk"):
         out += risk_tables(fig["risk"])
+    if fig.get("recall"):
+        out += recall_tables(fig["recall"])
     return out
+
+
+def recall_tables(fig: dict[str, Any]) -> list[Any]:
+    """Method recall: ε, its guarantee and the classes it cannot certify; then per class its
+    threshold, whether its miss rate is certified (with the CRC bound), and the miss rate,
+    recall and precision on the calibration and val images."""
+    head = [
+        ["ε (miss rate per object class)", _f(fig["epsilon"])],
+        ["guarantee", _wrap(fig["guarantee"])],
+        ["not certified (too few images)", ", ".join(fig["not_certified"]) or "none"],
+        ["their threshold (1 − q̂)", f"{fig['fallback']:.4g}"],
+    ]
+    val = fig.get("val") or {}
+    rows = []
+    for s in fig["selection"]:
+        v = val.get(s["cls"], {})
+        rows.append(
+            [
+                s["cls"],
+                f"{s['tau']:.4g}",
+                f"yes ({_f(s['statistic'])})" if s["certified"] else "no",
+                str(s["images"]),
+                f"{_f(s['miss'])} / {_f(s['recall'])} / {_f(s['precision'])}",
+                f"{_f(v.get('mean_miss'))} / {_f(v.get('recall'))} / {_f(v.get('precision'))}",
+            ]
+        )
+    cols = [
+        "class",
+        "threshold",
+        f"certified (bound ≤ {fig['epsilon']})",
+        "images",
+        "calibration miss / recall / precision",
+        "val miss / recall / precision",
+    ]
+    return [
+        table("recall floor", ["", "value"], head),
+        table("recall floor per class", cols, rows),
+    ]
 
 
 def risk_tables(fig: dict[str, Any]) -> list[Any]:

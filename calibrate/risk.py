@@ -26,9 +26,10 @@ labeled and the unlabeled images are exchangeable: one pool split at random):
   images, R(τ̂) ≤ ε. It needs many images: even N images with no error at all give the
   p-value (1 − ε)^N, so N ≥ log δ / log(1 − ε) (22 for ε = δ = 0.1) is a hard minimum.
 
-Both are counted in one Dask pass: every image contributes its kept and wrong counts at every
-grid threshold and its ℓ and ℓ̃ in fixed point (:data:`SCALE`, rounded up, so sums are exact
-integers, identical in any order, and never below the true sum).
+Both are counted in one Dask pass (:func:`calibrate.tasks.labeled_stats`): every image
+contributes its kept and wrong counts at every grid threshold and its ℓ and ℓ̃ in fixed point
+(:data:`SCALE`, rounded up, so sums are exact integers, identical in any order, and never below
+the true sum).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from calibrate.rules import confidence
-from calibrate.tasks import Ctx, Item, _cache, load, merge_role
 from data_manifest.manifest import IGNORE_INDEX
 
 CONTROLS = ("crc", "ltt")
@@ -180,17 +180,23 @@ def log_binom_cdf(k: np.ndarray, n: int, p: float) -> np.ndarray:
     return np.where(k < 0, -np.inf, np.minimum(out, 0.0))
 
 
-def hb_p_value(risk: np.ndarray, n: int, eps: float) -> np.ndarray:
-    """Hoeffding-Bentkus p-values of H: E[ℓ] > ε from the mean ``risk`` of n losses in [0, 1].
+def hb_p_value(loss_sum: np.ndarray, n: int, eps: float) -> np.ndarray:
+    """Hoeffding-Bentkus p-values of H: E[ℓ] > ε from the summed losses of n images in [0, 1].
 
-    Hoeffding (relative-entropy form): exp(−n·kl(min(r, ε) ‖ ε)); Bentkus: e·P(Bin(n, ε) ≤
-    ⌈n r⌉). The smaller of the two (Bates et al. 2021, Angelopoulos et al. 2021).
+    Args:
+        loss_sum: int64 (G,) Σ_i ℓ_i in fixed point (units of 1/SCALE); n ≥ 1; eps: ε.
+    Returns:
+        float64 (G,). Hoeffding (relative-entropy form): exp(−n·kl(min(R̂, ε) ‖ ε)) with
+        R̂ = Σ ℓ / n; Bentkus: e·P(Bin(n, ε) ≤ ⌈n R̂⌉) = e·P(Bin(n, ε) ≤ ⌈Σ ℓ⌉), the ceiling
+        taken on the integer sum (exact: a sum a hair above an integer rounds up). The smaller
+        of the two (Bates et al. 2021, Angelopoulos et al. 2021).
     """
-    r = np.minimum(np.asarray(risk, np.float64), eps)
+    total = np.asarray(loss_sum, np.int64)
+    r = np.minimum(total.astype(np.float64) / SCALE / n, eps)
     with np.errstate(divide="ignore", invalid="ignore"):
         kl = np.where(r > 0, r * np.log(r / eps), 0.0) + (1 - r) * np.log((1 - r) / (1 - eps))
     hoeffding = np.exp(-n * kl)
-    k = np.ceil(n * np.asarray(risk, np.float64) - 1e-9).astype(np.int64)
+    k = -(-total // SCALE)  # ⌈Σ ℓ⌉ in integers
     bentkus = np.exp(1.0 + log_binom_cdf(k, n, eps))
     return np.minimum(np.minimum(hoeffding, bentkus), 1.0)
 
@@ -230,7 +236,7 @@ def select(
             )
         d = None
     else:
-        stat = hb_p_value(risk, n, eps) if n else np.ones(tau.size)
+        stat = hb_p_value(loss_sum, n, eps) if n else np.ones(tau.size)
         j = _leading_true(stat <= delta)
         need = math.ceil(math.log(delta) / math.log1p(-eps))
         if j < 0 and n < need:
@@ -268,17 +274,3 @@ def at(stats: dict | None, j: int) -> dict:
         "kept_error": round(wrong / kept, 6) if kept else None,
         "mean_image_error": round(loss, 6) if n else None,
     }
-
-
-def risk_pass(batch: list[Item], ctx: Ctx, quantize: bool) -> dict:
-    """The Dask task: :func:`image_stats` of every labeled image of the batch, by role.
-
-    Returns ``{role: summed image_stats}`` (role "cal", "held" or "val").
-    """
-    cache = _cache(ctx.cache)
-    tau = tau_grid()
-    out: dict = {}
-    for it in batch:
-        probs, lab = load(cache, it, ctx)
-        out = merge_role(out, it.role, image_stats(probs, lab, tau, quantize))
-    return out

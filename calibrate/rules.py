@@ -17,7 +17,7 @@ from calibrate import topk as T
 from data_manifest.errors import UserError
 from data_manifest.manifest import IGNORE_INDEX
 
-METHODS = ("cp", "raw", "threshold", "risk")
+METHODS = ("cp", "raw", "threshold", "risk", "recall")
 
 
 @dataclass(frozen=True)
@@ -25,15 +25,17 @@ class Rule:
     """How one method turns probabilities into a pseudo-label.
 
     Attributes:
-        method: "cp", "raw", "threshold" or "risk".
+        method: "cp", "raw", "threshold", "risk" or "recall".
         score: cp: "lac" or "aps".
         qhat: cp: the set threshold q̂_j of every class (K,).
         tau: threshold, risk: the confidence threshold (above 1: nothing is kept).
-        background: cp: the class the foreground preference applies to (None: rule off).
+        background: cp, recall: the class the foreground preference applies to (None: rule
+            off).
         max_set_size: cp: larger sets become 255 (0: no limit).
-        quantize: risk: threshold the confidence rounded to float16 (top-k caches).
+        quantize: risk, recall: threshold the confidence rounded to float16 (top-k caches).
         informative: cp: per class, whether its set membership takes part in the foreground
             preference (None: every class does, the paper's rule).
+        thresholds: recall: the threshold t_c of every class (K,) (see :mod:`calibrate.recall`).
     """
 
     method: str
@@ -44,17 +46,18 @@ class Rule:
     max_set_size: int = 0
     quantize: bool = False
     informative: tuple[bool, ...] | None = None
+    thresholds: tuple[float, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("qhat", "informative"):
+        for k in ("qhat", "informative", "thresholds"):
             d[k] = None if d[k] is None else list(d[k])
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Rule:
         d = dict(d)
-        for k in ("qhat", "informative"):
+        for k in ("qhat", "informative", "thresholds"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
@@ -91,6 +94,12 @@ def label_image(probs: np.ndarray, rule: Rule) -> np.ndarray:
         idx, conf = confidence(probs, rule.quantize)
         keep = conf >= np.float32(rule.tau)
         return np.where(keep, idx, np.uint8(IGNORE_INDEX)).astype(np.uint8)
+    if rule.method == "recall":
+        from calibrate import recall as C  # recall → risk → rules: imported where used
+
+        return C.label(
+            probs, np.asarray(rule.thresholds, np.float32), rule.background, rule.quantize
+        )
     if rule.method == "cp":
         q = np.asarray(rule.qhat, np.float32)
         sets = S.prediction_sets(probs, q, rule.score)

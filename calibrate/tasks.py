@@ -18,6 +18,8 @@ import numpy as np
 
 from annotate.cache import Cache, open_cache
 from calibrate import quantile as Q
+from calibrate import recall as C
+from calibrate import risk as R
 from calibrate import rules as RU
 from calibrate import sets as S
 from calibrate import topk as T
@@ -132,12 +134,14 @@ def unlabeled_label(
     qhat: np.ndarray,
     tau: float | None,
     quantize: bool = False,
+    thresholds: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The pseudo-label of one unlabeled image by ``method`` ("cp", "threshold", "risk" or
-    "raw").
+    """The pseudo-label of one unlabeled image by ``method`` ("cp", "threshold", "risk",
+    "recall" or "raw").
 
     In class mode, "cp" uses the rule of :func:`calibrate.sets.informative`; "risk" keeps the
-    argmax where the confidence (rounded to float16 when ``quantize``) is at least ``tau``.
+    argmax where the confidence (rounded to float16 when ``quantize``) is at least ``tau``;
+    "recall" applies the per-class ``thresholds`` float32 (K,) (:mod:`calibrate.recall`).
 
     Returns:
         (label uint8 (H, W), undetermined bool (H, W) or None): pixels whose label a top-k
@@ -145,6 +149,10 @@ def unlabeled_label(
     """
     if method == "risk":
         return RU.risk_label(x, float(tau), quantize)
+    if method == "recall":
+        if isinstance(x, np.ndarray):
+            return C.label(x, thresholds, ctx.background, quantize), None
+        return C.topk_label(x, thresholds, ctx.background, quantize)
     fg = S.informative(qhat, ctx.mode) if method == "cp" else None
     if isinstance(x, np.ndarray):
         if method == "cp":
@@ -291,6 +299,24 @@ def evaluate(batch: list[Item], ctx: Ctx, qhats: dict) -> dict:
     return out
 
 
+def labeled_stats(batch: list[Item], ctx: Ctx, method: str, quantize: bool) -> dict:
+    """Methods risk and recall: the per-image tables of every labeled (and val) image of the
+    batch (:func:`calibrate.risk.image_stats`, :func:`calibrate.recall.image_stats`).
+
+    Returns ``{role: summed image stats}`` (role "cal", "held" or "val").
+    """
+    cache = _cache(ctx.cache)
+    out: dict = {}
+    for it in batch:
+        probs, lab = load(cache, it, ctx)
+        if method == "risk":
+            stats = R.image_stats(probs, lab, R.tau_grid(), quantize)
+        else:
+            stats = C.image_stats(probs, lab, C.class_grid(), ctx.background, quantize)
+        out = merge_role(out, it.role, stats)
+    return out
+
+
 def unlabeled_counts(
     batch: list[Item], ctx: Ctx, qhat: np.ndarray, targets: np.ndarray | None
 ) -> dict:
@@ -345,6 +371,7 @@ def write_pseudo(
     out_dir: str,
     stage_dir: str,
     palette: list[list[int]],
+    thresholds: np.ndarray | None = None,
 ) -> dict:
     """Compute one pseudo-label PNG per unlabeled image; those that differ from the PNG in
     ``out_dir`` are written to ``stage_dir`` (see :func:`calibrate.folder.commit`).
@@ -352,11 +379,11 @@ def write_pseudo(
     Returns ``{"images": [(id, kept pixels, pixels, staged, undetermined pixels, sha256)]}``.
     """
     cache = _cache(ctx.cache)
-    quantize = 0 < cache.meta.topk < cache.num_classes  # method risk: see calibrate.risk
+    quantize = 0 < cache.meta.topk < cache.num_classes  # risk, recall: see calibrate.risk
     rows = []
     for it in batch:
         x = load_unlabeled(cache, it)
-        lab, unsure = unlabeled_label(x, ctx, method, qhat, tau, quantize)
+        lab, unsure = unlabeled_label(x, ctx, method, qhat, tau, quantize, thresholds)
         final, staged = id_path(out_dir, it.id), id_path(stage_dir, it.id)
         digest, was_staged = stage_png(lab, palette, final, staged)
         n_unsure = 0 if unsure is None else int(np.count_nonzero(unsure))

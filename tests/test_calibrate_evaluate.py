@@ -112,6 +112,7 @@ def test_evaluate_against_numpy(ds: tuple[Path, Path, Path]) -> None:
         curve_wrong = np.zeros_like(curve_kept)
         for name in ("cp", "raw", "risk"):
             conf_m = np.zeros((k, k + 1), np.int64)
+            per_image: dict[int, list[float]] = {c: [] for c in range(k)}
             for i in ids:
                 p, truth = cache.probs(i), m.read_label(m.row(i))
                 if sname == "unlabeled":
@@ -119,9 +120,16 @@ def test_evaluate_against_numpy(ds: tuple[Path, Path, Path]) -> None:
                 else:
                     pred = rule(name, p, "held_out" if sname == "held_out" else "pngs")
                 conf_m += np_confusion(truth, pred, k)
-            got = ev["sets"][sname]["folders"][name]
+                for c in range(k):
+                    if (truth == c).any():
+                        per_image[c].append(((truth == c) & (pred == c)).sum() / (truth == c).sum())
+            got = dict(ev["sets"][sname]["folders"][name])
             assert got["images"] == len(ids)
+            mean_recall = got.pop("mean_image_recall")
             assert got == {"images": len(ids), **quality(conf_m, list(m.classes))}
+            for c, name_c in enumerate(m.classes):
+                expect = float(np.mean(per_image[c])) if per_image[c] else None
+                assert mean_recall[name_c] == pytest.approx(expect, abs=2e-6)
         for i in ids:
             p, truth = cache.probs(i), m.read_label(m.row(i))
             conf = p.max(axis=0).astype(np.float16).astype(np.float32)

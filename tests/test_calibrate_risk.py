@@ -71,12 +71,29 @@ def _binom_cdf(k: int, n: int, p: float) -> float:
 @pytest.mark.parametrize("risk", [0.0, 0.013, 0.05, 0.099, 0.3])
 def test_hb_p_value_against_the_formula(n: int, risk: float) -> None:
     eps = 0.1
-    r = min(risk, eps)
+    total = round(n * risk * R.SCALE)  # Σ ℓ in fixed point
+    mean = Fraction(total, R.SCALE * n)
+    r = min(float(mean), eps)
     kl = (r * math.log(r / eps) if r > 0 else 0.0) + (1 - r) * math.log((1 - r) / (1 - eps))
     hoeffding = math.exp(-n * kl)
-    bentkus = math.e * _binom_cdf(math.ceil(n * risk), n, eps)
-    got = float(R.hb_p_value(np.array([risk]), n, eps)[0])
+    bentkus = math.e * _binom_cdf(math.ceil(mean * n), n, eps)
+    got = float(R.hb_p_value(np.array([total]), n, eps)[0])
     assert got == pytest.approx(min(1.0, hoeffding, bentkus), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("above", [1, 4])
+def test_bentkus_rounds_a_sum_just_above_an_integer_up(above: int) -> None:
+    """Σ ℓ = 3 + above/2**32 (within 1e-9 of 3): ⌈Σ ℓ⌉ = 4, so P(Bin(n, ε) ≤ 4), never ≤ 3.
+
+    A ceiling of n·R̂ − 1e-9 in float rounds it down to 3 and gives a smaller, invalid p-value.
+    """
+    n, eps = 100, 0.1
+    total = 3 * R.SCALE + above
+    got = float(R.hb_p_value(np.array([total]), n, eps)[0])
+    hoeffding = math.exp(-n * ((0.03 * math.log(0.3)) + 0.97 * math.log(0.97 / 0.9)))
+    expect = min(1.0, math.e * _binom_cdf(4, n, eps), hoeffding)
+    assert got == pytest.approx(expect, rel=1e-6)
+    assert got > math.e * _binom_cdf(3, n, eps)  # what the rounded-down k gives
 
 
 def test_crc_selection_by_brute_force() -> None:
@@ -237,7 +254,7 @@ def test_risk_method_end_to_end(ds: tuple[Path, Path], tmp_path: Path, control: 
     if control == "crc":
         ok = (env.sum(0) + 1) / (n + 1) <= 0.2 + 1e-9
     else:
-        ok = R.hb_p_value(loss.mean(0), n, 0.2) <= 0.1
+        ok = R.hb_p_value(np.ceil(loss * R.SCALE).astype(np.int64).sum(0), n, 0.2) <= 0.1
     j = (int(np.argmin(ok)) if not ok.all() else TAU.size) - 1
     assert rep["risk"]["selection"]["index"] == j
     tau = rep["risk"]["tau"]
