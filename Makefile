@@ -66,7 +66,7 @@ ablation-variants: $(STAMP)
 # demo's own gap (0.5) reads make ablation's runs
 SWEEP ?= demo_gap=0,0.25,0.5,0.75,1
 SWEEP_ARGS ?= --seeds 0,1,2 --jobs $(ABLATION_JOBS) \
-	--rows labeled_only,raw,cp
+	--rows labeled_only,raw,cp,cp_stage2
 ablation-sweep: $(STAMP)
 	$(PY) bench/ablation.py --config $(CONFIG) --sweep $(SWEEP) $(SWEEP_ARGS)
 
