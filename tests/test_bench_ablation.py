@@ -44,13 +44,18 @@ def test_jobs_go_seed_by_seed() -> None:
     ]
 
 
-def test_paired_differences_use_common_seeds(tmp_path: Path) -> None:
-    runs = {"labeled_only": [50, 52, 51], "raw": [40, 45, 41], "cp": [55, 56]}
+def write_runs(out: Path, runs: dict[str, list[float]]) -> None:
+    """Finished runs ``out/runs/{row}/seed{i}/final.json`` with the given val mIoU (%)."""
     for key, values in runs.items():
         for seed, v in enumerate(values):
-            f = tmp_path / "runs" / key / f"seed{seed}" / "final.json"
+            f = out / "runs" / key / f"seed{seed}" / "final.json"
             f.parent.mkdir(parents=True)
             f.write_text(json.dumps({"miou": v / 100}))
+
+
+def test_paired_differences_use_common_seeds(tmp_path: Path) -> None:
+    runs = {"labeled_only": [50, 52, 51], "raw": [40, 45, 41], "cp": [55, 56]}
+    write_runs(tmp_path, runs)
     rows = [r for r in A.ROWS if r.key in runs]
     quality = {
         "cp": {
@@ -234,11 +239,7 @@ def test_a_sweep_runs_each_value_and_keeps_the_configs_own_tables(
 
 def test_sequential_seeds_go_to_the_wide_rows_only(tmp_path: Path) -> None:
     runs = {"labeled_only": [60, 61, 60.5], "cp": [40, 55, 47], "raw": [30, 45, 38, 39]}
-    for key, values in runs.items():
-        for seed, v in enumerate(values):
-            f = tmp_path / "runs" / key / f"seed{seed}" / "final.json"
-            f.parent.mkdir(parents=True)
-            f.write_text(json.dumps({"miou": v / 100}))
+    write_runs(tmp_path, runs)
     rows = [r for r in A.ROWS if r.key in runs]
     row_seeds = {"labeled_only": [0, 1, 2], "cp": [0, 1, 2], "raw": [0, 1, 2, 3]}
     opt = A.Options("c", rows, [0, 1, 2], 1, 1, [], [], until_half_width=5.0, max_seeds=4)
