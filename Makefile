@@ -48,8 +48,8 @@ train: $(STAMP)
 # unchanged (ABLATION_JOBS=1: one training run at a time on one GPU).
 ABLATION_JOBS ?= 2
 ABLATION_ROWS ?= labeled_only,raw,cp,cp_stage2,cp_unimatch,threshold,risk,cp_class,recall
-ABLATION_ARGS ?= --seeds 0,1,2,3,4 --until-half-width 5 --max-seeds 10 \
-	--jobs $(ABLATION_JOBS) --rows $(ABLATION_ROWS)
+ABLATION_SEEDS ?= --seeds 0,1,2,3,4 --until-half-width 5 --max-seeds 10 --jobs $(ABLATION_JOBS)
+ABLATION_ARGS ?= $(ABLATION_SEEDS) --rows $(ABLATION_ROWS)
 ABLATION_DATA ?=
 ablation: $(STAMP)
 	$(PY) bench/ablation.py --config $(CONFIG) $(ABLATION_ARGS) $(ABLATION_DATA)
@@ -57,9 +57,9 @@ ablation: $(STAMP)
 # variant A (stronger gap, weaker annotator) and variant B (weaker gap, better annotator)
 VARIANT_ROWS ?= labeled_only,raw,cp,cp_stage2,cp_unimatch,recall,recall_stage2
 ablation-variants: $(STAMP)
-	$(PY) bench/ablation.py --config $(CONFIG) $(ABLATION_ARGS) --rows $(VARIANT_ROWS) \
+	$(PY) bench/ablation.py --config $(CONFIG) $(ABLATION_SEEDS) --rows $(VARIANT_ROWS) \
 		--data-set demo_seed=1 --data-set demo_gap=0.7
-	$(PY) bench/ablation.py --config $(CONFIG) $(ABLATION_ARGS) --rows $(VARIANT_ROWS) \
+	$(PY) bench/ablation.py --config $(CONFIG) $(ABLATION_SEEDS) --rows $(VARIANT_ROWS) \
 		--data-set demo_seed=2 --data-set demo_gap=0.3
 
 # the same rows over the domain gap, each gap with its own dataset and demo annotator; the
